@@ -1,0 +1,75 @@
+"""Tiny models built from configs, and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+from cgc_lightning.config import TaskLayout
+from cgc_lightning.inject import adapter_parameters
+
+VOCAB = 97
+
+
+def tiny_config(family: str):
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    if family == "gemma3":
+        return Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=16,
+        )
+    if family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.to(dtype).eval()
+
+
+#: Two clusters, tasks interleaved by id so that a batch of ids 0..3 mixes clusters.
+LAYOUT = TaskLayout(("qa", "nli", "sum", "ner"), ("reason", "extract"), (0, 1, 0, 1))
+
+
+def randomize_adapters(model, seed: int = 1, scale: float = 0.2) -> None:
+    """Give every adapter/gate tensor random values so tests compare non-trivial updates."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+
+
+@pytest.fixture
+def layout():
+    return LAYOUT
