@@ -1,0 +1,159 @@
+"""Typed configs: which method, where it goes, and how tasks are grouped into clusters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Method = Literal["cgc_lora", "moelora", "joint_lora", "independent_lora"]
+METHODS: tuple[str, ...] = ("cgc_lora", "moelora", "joint_lora", "independent_lora")
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """Tasks and the cluster each belongs to; task ``i`` has task id ``i``."""
+
+    tasks: tuple[str, ...]
+    """Task names in task-id order."""
+    clusters: tuple[str, ...]
+    """Cluster names in cluster-id order."""
+    task_cluster: tuple[int, ...]
+    """Cluster id of each task."""
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("the task layout has no tasks")
+        if len(set(self.tasks)) != len(self.tasks):
+            dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            raise ValueError(f"task names must be unique; repeated: {dup}")
+        if len(self.task_cluster) != len(self.tasks):
+            raise ValueError(f"{len(self.tasks)} tasks but {len(self.task_cluster)} cluster assignments")
+        for t, c in zip(self.tasks, self.task_cluster, strict=True):
+            if not 0 <= c < len(self.clusters):
+                raise ValueError(
+                    f"task {t!r} is assigned to cluster id {c}, but there are {len(self.clusters)} clusters"
+                )
+        empty = [name for c, name in enumerate(self.clusters) if c not in self.task_cluster]
+        if empty:
+            raise ValueError(f"cluster(s) {empty} have no tasks; remove them or assign tasks to them")
+
+    @classmethod
+    def from_clusters(cls, clusters: Mapping[str, Sequence[str]], tasks: Sequence[str] | None = None) -> TaskLayout:
+        """Build from ``{cluster: [task, ...]}``.
+
+        Args:
+            clusters: the tasks of each cluster.
+            tasks: every task, in task-id order; defaults to the clusters' order. A task listed here
+                and in no cluster, or in two clusters, is an error.
+        """
+        owner: dict[str, str] = {}
+        for cname, members in clusters.items():
+            if not members:
+                raise ValueError(f"cluster {cname!r} has no tasks; remove it or assign tasks to it")
+            for t in members:
+                if t in owner:
+                    raise ValueError(
+                        f"task {t!r} is in two clusters, {owner[t]!r} and {cname!r}; a task belongs to one"
+                    )
+                owner[t] = cname
+        order = list(tasks) if tasks is not None else list(owner)
+        missing = [t for t in order if t not in owner]
+        if missing:
+            raise ValueError(f"task(s) {missing} are in no cluster; clusters are {dict(clusters)}")
+        extra = [t for t in owner if t not in order]
+        if extra:
+            raise ValueError(f"cluster(s) list task(s) {extra} that are not among the tasks {order}")
+        names = list(clusters)
+        return cls(tuple(order), tuple(names), tuple(names.index(owner[t]) for t in order))
+
+    @classmethod
+    def single(cls, tasks: Sequence[str]) -> TaskLayout:
+        """Every task in one cluster named ``all``."""
+        return cls(tuple(tasks), ("all",), (0,) * len(tasks))
+
+    def to_dict(self) -> dict:
+        return {"tasks": list(self.tasks), "clusters": list(self.clusters), "task_cluster": list(self.task_cluster)}
+
+
+@dataclass
+class AdapterConfig:
+    """The adapter method and its hyperparameters. Fields not used by the chosen method are ignored."""
+
+    method: Method = "cgc_lora"
+    """``cgc_lora``, ``moelora``, ``joint_lora`` or ``independent_lora``."""
+    target_modules: str | list[str] = "auto"
+    """Layers to adapt: ``auto`` (the preset for the model's family), a preset name (``llama``,
+    ``qwen2``, ``gemma``, ``gemma3``, ``gpt2``), or a list of patterns: an exact module name, a
+    suffix such as ``q_proj``, or ``re:<regex>`` matched against the full name."""
+    r: int = 8
+    """LoRA rank of each expert (the total rank for ``moelora`` with ``split_rank``)."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    rslora: bool = False
+    """Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+    num_shared: int = 2
+    """cgc_lora: ``S``, task-common experts per cluster."""
+    num_specific: int = 1
+    """cgc_lora: ``P``, task-specific experts per task."""
+    gate_input: Literal["task", "token", "task+token"] = "task"
+    """cgc_lora: what the gate reads. Only ``task`` is mergeable."""
+    num_experts: int = 8
+    """moelora: ``E``, experts shared by all tasks."""
+    split_rank: bool = False
+    """moelora: split ``r`` across the experts (``r / E`` each), as the MOELoRA paper does."""
+    gate_per_layer: bool | None = None
+    """One gate per adapted layer (True) or one for the whole model (False). Default: per layer for
+    cgc_lora, one for the model for moelora."""
+    gate_dim: int = 64
+    """moelora: size of the task embedding the gate reads."""
+    exclude_modules: list[str] = field(default_factory=list)
+    """Patterns (same forms as ``target_modules``) of layers never to adapt."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got r={self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "cgc_lora":
+            if self.num_shared < 0 or self.num_specific < 0 or self.num_shared + self.num_specific == 0:
+                raise ValueError(
+                    f"cgc_lora needs num_shared >= 0, num_specific >= 0, and S + P >= 1; got "
+                    f"num_shared={self.num_shared}, num_specific={self.num_specific}"
+                )
+            if self.gate_input not in ("task", "token", "task+token"):
+                raise ValueError(f"gate_input must be task, token or task+token, got {self.gate_input!r}")
+            if self.gate_input != "task" and self.gate_per_layer is False:
+                raise ValueError(
+                    "a token-reading gate depends on each layer's input, so it cannot be shared by all "
+                    "layers: set gate_per_layer: true or gate_input: task"
+                )
+        if self.method == "moelora":
+            if self.num_experts <= 0:
+                raise ValueError(f"moelora needs num_experts >= 1, got {self.num_experts}")
+            if self.split_rank and self.r % self.num_experts:
+                raise ValueError(
+                    f"split_rank needs r divisible by num_experts, got r={self.r}, num_experts={self.num_experts}"
+                )
+            if self.gate_dim <= 0:
+                raise ValueError(f"gate_dim must be positive, got {self.gate_dim}")
+
+    @property
+    def shared_gate(self) -> bool:
+        """Whether one gate serves every layer."""
+        if self.gate_per_layer is None:
+            return self.method == "moelora"
+        return not self.gate_per_layer
+
+    @property
+    def mergeable(self) -> bool:
+        return self.method != "cgc_lora" or self.gate_input == "task"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,335 @@
+"""Put adapters into any Hugging Face causal LM, freeze the base, and merge per task.
+
+The injector walks ``named_modules()``, matches names against the target patterns, wraps each
+matched layer (``nn.Linear``, or GPT-2's ``Conv1D``) as ``base_layer`` of an :class:`AdaptedLayer`,
+and puts the wrapper in its place with ``setattr(parent, child, wrapper)``. Trainable tensors are
+named ``lora_*``, ``gate_*`` or ``router_*`` inside an adapter, so freezing, optimizer groups and
+adapter-only checkpoints are name filters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from cgc_lightning.adapters.cgc_lora import CGCLoRA, TaskLogitGate, expert_layout
+from cgc_lightning.adapters.experts import Adapter
+from cgc_lightning.adapters.lora import IndependentLoRA, JointLoRA
+from cgc_lightning.adapters.moelora import MoELoRA, TaskEmbeddingGate
+from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.routing import RoutingState, attach_routing_state, routing_state
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Target-module presets by ``config.model_type``: attention and MLP projections, never ``lm_head``.
+PRESETS: dict[str, list[str]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+ADAPTER_PREFIXES = ("lora_", "gate_", "router_")
+SHARED_GATE_NAME = "adapter_gate"
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen layer plus an adapter: ``h = base_layer(x) + adapter(x, routed ids)``.
+
+    Args:
+        base_layer: the original ``nn.Linear`` or ``Conv1D``.
+        adapter: the method's :class:`~cgc_lightning.adapters.experts.Adapter`.
+        state: the model's routing state.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter, state: RoutingState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.__dict__["routing"] = state  # shared by all layers; not a submodule
+        # GPT-2's Conv1D stores its weight as (d_in, d_out)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.merged_task: int | None = None
+
+    # Some modeling code reads these off the projection directly.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged_task is not None or self.routing.disabled:
+            return out
+        task_ids, cluster_ids = self.routing.ids_for(x.shape[0])
+        if task_ids is None and self.adapter.needs_task_ids:
+            raise RuntimeError(
+                "this model's adapters need per-sample task ids and none are set: call it inside "
+                "`with cgc_lightning.routing.route(model, task_ids=...):`"
+            )
+        lora_dtype = self.adapter.experts.lora_A.dtype
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_dtype)  # (B, T, d_in)
+        delta = self.adapter(x3, task_ids, cluster_ids)  # (B, T, d_out)
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+    def _weight_update(self, task: int) -> torch.Tensor:
+        dW = self.adapter.delta_weight(task)  # (d_out, d_in)
+        return (dW.t() if self.fan_in_fan_out else dW).to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, task: int) -> None:
+        """Fold task ``task``'s constant update into the base weight; the layer then serves that task only."""
+        if self.merged_task is not None:
+            raise RuntimeError(f"task {self.merged_task} is already merged; unmerge first")
+        self.base_layer.weight.add_(self._weight_update(task))
+        self.merged_task = task
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_task is None:
+            return
+        self.base_layer.weight.sub_(self._weight_update(self.merged_task))
+        self.merged_task = None
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """Trainable (adapter and gate) versus total parameter counts."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {100 * self.trainable / max(self.total, 1):.4f}"
+        )
+
+
+def _layer_dims(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Turn ``auto``, a preset name or a pattern list into a pattern list."""
+    if isinstance(target_modules, str):
+        key = target_modules
+        if key == "auto":
+            key = getattr(getattr(model, "config", None), "model_type", None)
+            if key not in PRESETS:
+                raise ValueError(
+                    f"no target-module preset for model_type {key!r}; set adapter.target_modules to a list of "
+                    f"layer names. Linear layers in this model: {', '.join(linear_layer_names(model))}"
+                )
+        if key in PRESETS:
+            return list(PRESETS[key])
+        return [target_modules]
+    return list(target_modules)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the layers an adapter can wrap, e.g. ``['q_proj', 'k_proj', ...]``."""
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    return list(dict.fromkeys(names))
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter name (from ``model.named_parameters()``) is an adapter or gate tensor."""
+    leaf = name.rsplit(".", 1)[-1]
+    in_adapter = ".adapter." in name or name.startswith(SHARED_GATE_NAME + ".")
+    return in_adapter and leaf.startswith(ADAPTER_PREFIXES)
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, p in model.named_parameters():
+        if is_adapter_param(name):
+            yield name, p
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLayer):
+            yield name, m
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    params = list(model.parameters())
+    return ParamReport(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def _build_shared_gate(config: AdapterConfig, layout: TaskLayout, dtype, device) -> nn.Module | None:
+    if not config.shared_gate or config.method not in ("cgc_lora", "moelora"):
+        return None
+    n = len(layout.tasks)
+    if config.method == "moelora":
+        return TaskEmbeddingGate(
+            num_tasks=n, num_experts=config.num_experts, dim=config.gate_dim, dtype=dtype, device=device
+        )
+    visible, _ = expert_layout(layout.task_cluster, config.num_shared, config.num_specific)
+    return TaskLogitGate(num_tasks=n, num_visible=visible.shape[1], dtype=dtype, device=device)
+
+
+def build_adapter(
+    config: AdapterConfig,
+    layout: TaskLayout,
+    in_features: int,
+    out_features: int,
+    gate: nn.Module | None = None,
+    dtype=None,
+    device=None,
+) -> Adapter:
+    """The method's adapter for one layer of shape ``(d_out, d_in)``."""
+    common = dict(
+        in_features=in_features,
+        out_features=out_features,
+        r=config.r,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        rslora=config.rslora,
+        dtype=dtype,
+        device=device,
+    )
+    n = len(layout.tasks)
+    if config.method == "joint_lora":
+        return JointLoRA(**common)
+    if config.method == "independent_lora":
+        return IndependentLoRA(num_tasks=n, **common)
+    if config.method == "moelora":
+        return MoELoRA(
+            num_tasks=n,
+            num_experts=config.num_experts,
+            split_rank=config.split_rank,
+            gate=gate,
+            gate_dim=config.gate_dim,
+            **common,
+        )
+    return CGCLoRA(
+        task_clusters=layout.task_cluster,
+        num_shared=config.num_shared,
+        num_specific=config.num_specific,
+        gate_input=config.gate_input,
+        gate=gate,
+        **common,
+    )
+
+
+@dataclass
+class Injection:
+    """What :func:`inject_adapters` did: kept on the model for merging, saving and export."""
+
+    config: AdapterConfig
+    layout: TaskLayout
+    target_names: list[str]
+
+
+def injection(model: nn.Module) -> Injection:
+    routing_state(model)  # raises a clear error when there are no adapters
+    return model.__dict__["_cgc_injection"]
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig, layout: TaskLayout) -> ParamReport:
+    """Wrap the target layers of ``model`` with the configured method, in place, and freeze the rest.
+
+    Args:
+        model: any ``transformers`` causal LM (or any module with ``nn.Linear``/``Conv1D`` layers).
+        config: the method and its hyperparameters.
+        layout: the tasks and their clusters.
+
+    Returns:
+        Trainable versus total parameter counts.
+    """
+    if "_cgc_injection" in model.__dict__:
+        raise RuntimeError("this model already has adapters; load a fresh base model to inject again")
+    patterns = resolve_target_modules(model, config.target_modules)
+    exclude = list(config.exclude_modules)
+    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, patterns) and not _matches(n, exclude)]
+    if not targets:
+        examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))][:3]
+        raise ValueError(
+            f"no module matched target_modules {patterns}. Linear layers in this model: "
+            f"{', '.join(linear_layer_names(model))} (full names look like {', '.join(examples)})"
+        )
+    wrong = [f"{n} ({type(m).__name__})" for n, m in targets if not isinstance(m, (nn.Linear, Conv1D))]
+    if wrong:
+        raise ValueError(
+            f"target_modules matched layers that are not nn.Linear or Conv1D: {', '.join(wrong)}; "
+            "use more specific patterns (a suffix such as 'q_proj', or 're:<regex>')"
+        )
+
+    ref = targets[0][1].weight
+    state = RoutingState(layout.tasks, layout.task_cluster)
+    gate = _build_shared_gate(config, layout, ref.dtype, ref.device)
+    if gate is not None:
+        model.add_module(SHARED_GATE_NAME, gate.train(model.training))
+    modules = dict(model.named_modules())
+    for name, layer in targets:
+        d_in, d_out = _layer_dims(layer)
+        adapter = build_adapter(config, layout, d_in, d_out, gate, dtype=layer.weight.dtype, device=layer.weight.device)
+        wrapper = AdaptedLayer(layer, adapter, state).train(layer.training)  # new modules start in train mode
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, wrapper)
+    attach_routing_state(model, state)
+    model.__dict__["_cgc_injection"] = Injection(config, layout, [n for n, _ in targets])
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_param(name))
+    return param_report(model)
+
+
+def _task_index(model: nn.Module, task: int | str) -> int:
+    tasks = injection(model).layout.tasks
+    if isinstance(task, str):
+        if task not in tasks:
+            raise ValueError(f"unknown task {task!r}; this model's tasks are {list(tasks)}")
+        return tasks.index(task)
+    if not 0 <= task < len(tasks):
+        raise ValueError(
+            f"task id {task} is out of range: this model's adapters know {len(tasks)} tasks "
+            f"(0..{len(tasks) - 1}: {', '.join(tasks)})"
+        )
+    return task
+
+
+def check_mergeable(config: AdapterConfig) -> None:
+    if not config.mergeable:
+        raise ValueError(
+            f"{config.method} with gate_input={config.gate_input!r} reads each token, so a task's "
+            "update is not a constant matrix and cannot be merged or exported as LoRA; "
+            "train with gate_input: task to merge"
+        )
+
+
+def merge_task(model: nn.Module, task: int | str) -> None:
+    """Fold one task's update into the base weights (serving that task only, at base-model cost)."""
+    check_mergeable(injection(model).config)
+    t = _task_index(model, task)
+    for _, layer in adapted_layers(model):
+        layer.merge(t)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge_task`: base weights back to ``W0`` (within float rounding)."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()

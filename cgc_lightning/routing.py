@@ -1,0 +1,183 @@
+"""How per-sample task and cluster ids reach every adapter layer.
+
+No model code is edited and no ``task_id`` argument goes through a Hugging Face ``forward``:
+
+    with route(model, task_ids=batch["task_ids"]):
+        logits = model(input_ids).logits          # or model.generate(...)
+
+``route`` puts the ids on one :class:`RoutingState` that every adapter layer of the model holds, and
+puts the previous ids back on exit, so nested calls and the same model serving batch after batch
+stay correct. Three cases need more than that:
+
+* Activation (gradient) checkpointing re-runs layer forwards during ``backward()``, after the
+  ``with`` block has closed, possibly after other batches went through. Every checkpointed layer's
+  checkpoint function is wrapped so that each call snapshots the routing state at forward time and
+  reinstates that snapshot while the layer is recomputed. This works however checkpointing was
+  enabled (reentrant or not, offloaded or not).
+* ``generate()`` with beams or several return sequences repeats each sample along the batch axis
+  (``repeat_interleave``); the ids are repeated the same way when a layer sees ``m * B`` rows.
+* Ids are moved to the model's device once per ``route`` call, not once per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+_STATE_ATTR = "_cgc_routing"
+_WRAPPED_ATTR = "_cgc_routing_wrapped"
+
+
+class RoutingState:
+    """The routing ids every adapter layer of one model reads.
+
+    Args:
+        task_names: names of the tasks, in task-id order (used in error messages).
+        task_clusters: cluster index of each task.
+    """
+
+    def __init__(self, task_names: Sequence[str], task_clusters: Sequence[int]):
+        self.task_names = tuple(task_names)
+        self.task_cluster = torch.tensor(list(task_clusters), dtype=torch.long)  # (n_tasks,)
+        self.task_ids: torch.Tensor | None = None  # (B,)
+        self.cluster_ids: torch.Tensor | None = None  # (B,)
+        self.disabled = False
+        self.checkpointed_modules: list[nn.Module] = []
+
+    def snapshot(self) -> tuple:
+        return self.task_ids, self.cluster_ids, self.disabled
+
+    def restore(self, snap: tuple) -> None:
+        self.task_ids, self.cluster_ids, self.disabled = snap
+
+    def ids_for(self, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Task and cluster ids for a layer input with ``rows`` samples on its batch axis."""
+        if self.task_ids is None:
+            return None, None
+        n = self.task_ids.shape[0]
+        if rows == n:
+            return self.task_ids, self.cluster_ids
+        if rows % n:
+            raise RuntimeError(
+                f"an adapter layer got an input with {rows} rows, but route() was given {n} task ids; "
+                "give one task id per sample of the batch"
+            )
+        # generate() expands each sample m times with repeat_interleave (beams, num_return_sequences)
+        m = rows // n
+        return self.task_ids.repeat_interleave(m), self.cluster_ids.repeat_interleave(m)
+
+
+def routing_state(model: nn.Module) -> RoutingState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} has no adapters: call cgc_lightning.inject.inject_adapters(model, ...) first"
+        )
+    return state
+
+
+def attach_routing_state(model: nn.Module, state: RoutingState) -> None:
+    """Make ``state`` the model's routing state and find the layers that may be checkpointed."""
+    object.__setattr__(model, _STATE_ATTR, state)
+    state.checkpointed_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def _replay_routing(checkpoint_fn, state: RoutingState):
+    """Wrap a checkpoint function so a recomputed forward sees the routing of its original forward."""
+
+    @functools.wraps(checkpoint_fn)
+    def wrapped(function, *args, **kwargs):
+        snap = state.snapshot()
+
+        def with_routing(*a, **kw):
+            saved = state.snapshot()
+            state.restore(snap)
+            try:
+                return function(*a, **kw)
+            finally:
+                state.restore(saved)
+
+        return checkpoint_fn(with_routing, *args, **kwargs)
+
+    setattr(wrapped, _WRAPPED_ATTR, True)
+    return wrapped
+
+
+def _guard_checkpointing(state: RoutingState) -> None:
+    for module in state.checkpointed_modules:
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is not None and not getattr(fn, _WRAPPED_ATTR, False):
+            module._gradient_checkpointing_func = _replay_routing(fn, state)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def route(
+    model: nn.Module,
+    task_ids: torch.Tensor | Sequence[int],
+    cluster_ids: torch.Tensor | Sequence[int] | None = None,
+    *,
+    validate: bool = True,
+) -> Iterator[None]:
+    """Route each sample of the batch run inside the block to its task's (and cluster's) experts.
+
+    Args:
+        model: a model returned by :func:`cgc_lightning.inject.inject_adapters`.
+        task_ids: ``(B,)`` task id of each sample.
+        cluster_ids: ``(B,)`` cluster id of each sample; derived from the task layout when omitted,
+            checked against it when given.
+        validate: check ids against the layout (one host sync); the training loop turns it off
+            because its data module has checked them already.
+    """
+    state = routing_state(model)
+    device = _device_of(model)
+    tasks = torch.as_tensor(task_ids, dtype=torch.long)
+    if tasks.dim() != 1:
+        raise ValueError(f"task_ids must be a 1-D tensor with one id per sample, got shape {tuple(tasks.shape)}")
+    n_tasks = len(state.task_names)
+    if validate:
+        bad = tasks[(tasks < 0) | (tasks >= n_tasks)]
+        if bad.numel():
+            raise ValueError(
+                f"task id {int(bad[0])} is out of range: this model's adapters know {n_tasks} tasks "
+                f"(0..{n_tasks - 1}: {', '.join(state.task_names)})"
+            )
+    derived = state.task_cluster.to(tasks.device)[tasks]
+    if cluster_ids is not None:
+        clusters = torch.as_tensor(cluster_ids, dtype=torch.long, device=tasks.device)
+        if validate and not torch.equal(clusters, derived):
+            i = int((clusters != derived).nonzero()[0])
+            raise ValueError(
+                f"sample {i} has task {state.task_names[int(tasks[i])]!r}, which is in cluster {int(derived[i])}, "
+                f"but cluster_ids says {int(clusters[i])}"
+            )
+    _guard_checkpointing(state)
+    saved = state.snapshot()
+    state.task_ids = tasks.to(device, non_blocking=True)
+    state.cluster_ids = derived.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        state.restore(saved)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the block."""
+    state = routing_state(model)
+    _guard_checkpointing(state)
+    saved = state.snapshot()
+    state.disabled = True
+    try:
+        yield
+    finally:
+        state.restore(saved)

@@ -1,0 +1,243 @@
+"""Adapters injected into tiny Llama, Qwen2, Gemma3 and GPT-2 models (METHODS.md section 4, model level)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers.pytorch_utils import Conv1D
+
+from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.inject import (
+    AdaptedLayer,
+    adapted_layers,
+    inject_adapters,
+    is_adapter_param,
+    merge_task,
+    unmerge,
+)
+from cgc_lightning.routing import disable_adapters, route
+from tests.conftest import LAYOUT, VOCAB, randomize_adapters, tiny_model
+
+FAMILIES = ["llama", "qwen2", "gemma3", "gpt2"]
+METHOD_CONFIGS = {
+    "joint_lora": AdapterConfig(method="joint_lora", dropout=0.0),
+    "independent_lora": AdapterConfig(method="independent_lora", dropout=0.0),
+    "moelora": AdapterConfig(method="moelora", num_experts=3, dropout=0.0),
+    "cgc_lora": AdapterConfig(method="cgc_lora", dropout=0.0),
+    "cgc_lora_token": AdapterConfig(method="cgc_lora", gate_input="token", dropout=0.0),
+}
+TASKS = torch.tensor([0, 1, 2, 3])
+
+
+def ids(seed=0, batch=4, length=7):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def adapted(family, name, seed=0):
+    model = tiny_model(family, seed=seed)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    report = inject_adapters(model, METHOD_CONFIGS[name], LAYOUT)
+    return model, base, report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_logits_unchanged_at_init_and_only_adapters_train(family, name):
+    x = ids()
+    model = tiny_model(family)
+    with torch.no_grad():
+        reference = model(x).logits
+    model, base, report = adapted(family, name)
+    with torch.no_grad(), route(model, TASKS):
+        assert torch.equal(model(x).logits, reference)  # B = 0: exactly the base model
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter_param(n) for n in trainable)
+    assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.total == sum(p.numel() for p in model.parameters())
+    layers = dict(adapted_layers(model))
+    assert layers and all(isinstance(layer.base_layer, (torch.nn.Linear, Conv1D)) for layer in layers.values())
+    assert not any(n.endswith("lm_head") for n in layers)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    with route(model, TASKS):
+        out = model(x, labels=x)
+    out.loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            continue
+        assert torch.equal(p, before[n]), f"frozen parameter {n} changed"
+    moved = [n for n in trainable if not torch.equal(dict(model.named_parameters())[n], before[n])]
+    assert any(n.endswith("lora_B") for n in moved), "one step must move the adapters"
+    # the base weights inside the wrappers are the original tensors, bit for bit
+    for n, layer in layers.items():
+        key = f"{n}.weight"
+        assert torch.equal(layer.base_layer.weight, base[key])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_mixed_batch_of_two_clusters_equals_each_sample_alone(family, name):
+    model, _, _ = adapted(family, name)
+    randomize_adapters(model)
+    x = ids(1)
+    with torch.no_grad():
+        with route(model, TASKS):
+            batch = model(x).logits
+        for b in range(4):
+            with route(model, TASKS[b : b + 1]):
+                alone = model(x[b : b + 1]).logits
+            assert_close(batch[b : b + 1], alone, rtol=1e-12, atol=1e-12)
+        # and the tasks really differ from one another
+        assert not torch.allclose(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_disabled_adapters_give_the_base_model(name):
+    x = ids(2)
+    reference = tiny_model("llama")(x).logits
+    model, _, _ = adapted("llama", name)
+    randomize_adapters(model)
+    with torch.no_grad(), route(model, TASKS):
+        assert not torch.allclose(model(x).logits, reference)
+        with disable_adapters(model):
+            assert_close(model(x).logits, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["joint_lora", "independent_lora", "moelora", "cgc_lora"])
+def test_merged_equals_unmerged_per_task_and_unmerge_restores_base(family, name):
+    model, base, _ = adapted(family, name)
+    randomize_adapters(model)
+    x = ids(3)
+    for t in range(len(LAYOUT.tasks)):
+        tasks = torch.full((4,), t)
+        with torch.no_grad(), route(model, tasks):
+            unmerged = model(x).logits
+            merge_task(model, t)
+            merged = model(x).logits
+            unmerge(model)
+        assert_close(merged, unmerged, rtol=1e-10, atol=1e-10)
+    for n, layer in adapted_layers(model):
+        assert_close(layer.base_layer.weight, base[f"{n}.weight"], rtol=1e-12, atol=1e-12)
+
+
+def test_merge_by_task_name_and_merge_errors():
+    model, _, _ = adapted("llama", "cgc_lora")
+    merge_task(model, "sum")
+    assert {layer.merged_task for _, layer in adapted_layers(model)} == {2}
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_task(model, "qa")
+    unmerge(model)
+    with pytest.raises(ValueError, match="unknown task 'nope'.*'qa', 'nli', 'sum', 'ner'"):
+        merge_task(model, "nope")
+    token, _, _ = adapted("llama", "cgc_lora_token")
+    with pytest.raises(ValueError, match="gate_input='token'.*cannot be merged"):
+        merge_task(token, 0)
+
+
+def test_no_target_matched_lists_what_exists():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"no module matched target_modules \['query'\].*q_proj, k_proj, v_proj"):
+        inject_adapters(model, AdapterConfig(target_modules=["query"]), LAYOUT)
+
+
+def test_target_patterns_exact_suffix_regex_and_exclusions():
+    model = tiny_model("llama")
+    cfg = AdapterConfig(
+        method="joint_lora",
+        target_modules=["model.layers.0.self_attn.q_proj", "v_proj", r"re:.*layers\.1\.mlp\.down_proj"],
+        exclude_modules=["model.layers.1.self_attn.v_proj"],
+    )
+    inject_adapters(model, cfg, LAYOUT)
+    assert sorted(n for n, _ in adapted_layers(model)) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+
+
+def test_matching_a_non_linear_module_is_an_error():
+    with pytest.raises(ValueError, match=r"not nn.Linear or Conv1D: model.layers.0.mlp \(LlamaMLP\)"):
+        inject_adapters(tiny_model("llama"), AdapterConfig(target_modules=["re:model.layers.0.mlp"]), LAYOUT)
+
+
+def test_injecting_twice_is_an_error():
+    model, _, _ = adapted("llama", "joint_lora")
+    with pytest.raises(RuntimeError, match="already has adapters"):
+        inject_adapters(model, METHOD_CONFIGS["joint_lora"], LAYOUT)
+
+
+def test_task_id_out_of_range():
+    model, _, _ = adapted("llama", "cgc_lora")
+    with pytest.raises(ValueError, match=r"task id 4 is out of range.*4 tasks \(0..3: qa, nli, sum, ner\)"):
+        with route(model, [0, 4]):
+            pass
+
+
+def test_cluster_ids_that_disagree_with_the_layout():
+    model, _, _ = adapted("llama", "cgc_lora")
+    with pytest.raises(ValueError, match="sample 1 has task 'nli', which is in cluster 1, but cluster_ids says 0"):
+        with route(model, [0, 1], cluster_ids=[0, 0]):
+            pass
+
+
+def test_calling_without_task_ids_names_the_fix():
+    model, _, _ = adapted("llama", "cgc_lora")
+    with pytest.raises(RuntimeError, match="route\\(model, task_ids=...\\)"):
+        model(ids())
+
+
+@pytest.mark.parametrize(
+    ("clusters", "message"),
+    [
+        ({"a": ["qa"], "b": ["nli"]}, r"task\(s\) \['sum'\] are in no cluster"),
+        ({"a": ["qa", "sum"], "b": ["nli", "sum"]}, "task 'sum' is in two clusters, 'a' and 'b'"),
+        ({"a": ["qa", "nli", "sum"], "b": []}, "cluster 'b' has no tasks"),
+    ],
+)
+def test_task_layout_errors(clusters, message):
+    with pytest.raises(ValueError, match=message):
+        TaskLayout.from_clusters(clusters, tasks=["qa", "nli", "sum"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(r=0), "r must be a positive integer, got r=0"),
+        (dict(r=-1), "r must be a positive integer"),
+        (dict(method="cgc_lora", num_shared=0, num_specific=0), "S \\+ P >= 1"),
+        (dict(method="moelora", r=8, num_experts=3, split_rank=True), "r divisible by num_experts"),
+        (dict(method="cgc_lora", gate_input="token", gate_per_layer=False), "cannot be shared by all layers"),
+        (dict(method="lora"), "unknown method 'lora'"),
+    ],
+)
+def test_adapter_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(**kwargs)
+
+
+def test_shared_gate_is_one_tensor_for_the_whole_model():
+    model = tiny_model("llama")
+    inject_adapters(model, AdapterConfig(method="cgc_lora", gate_per_layer=False), LAYOUT)
+    gates = [n for n, _ in model.named_parameters() if "gate_logits" in n]
+    assert gates == ["adapter_gate.gate_logits"]
+    layers = [layer for _, layer in adapted_layers(model)]
+    assert all(layer.adapter.task_gate is model.adapter_gate for layer in layers)
+    assert isinstance(layers[0], AdaptedLayer)
+
+
+def test_adapters_follow_the_models_train_or_eval_mode():
+    model = tiny_model("llama")  # eval mode
+    inject_adapters(model, AdapterConfig(method="cgc_lora", dropout=0.5), LAYOUT)
+    randomize_adapters(model)
+    assert not any(m.training for m in model.modules())
+    x = ids(4)
+    with torch.no_grad(), route(model, TASKS):
+        assert torch.equal(model(x).logits, model(x).logits)  # no dropout at inference
+        model.train()
+        assert not torch.equal(model(x).logits, model(x).logits)
