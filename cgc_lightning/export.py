@@ -1,0 +1,148 @@
+"""Adapter files: our own format (every task, reloadable), and one task as a standard PEFT LoRA.
+
+Our format is a directory with
+
+    adapter_model.safetensors   every adapter and gate tensor, by its name in the model
+    adapter_config.json         the method config, the task layout and the adapted layer names
+
+PEFT export writes task t's update ``dW_t = B'_t A'_t`` (gate weights and scaling folded into
+``B'``, ``lora_alpha = r'`` so PEFT's own scaling is 1) in the layout ``peft.PeftModel.from_pretrained``
+reads, so any LoRA-serving stack serves the task with no cgc-lightning code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.inject import (
+    _task_index,
+    adapted_layers,
+    adapter_parameters,
+    check_mergeable,
+    inject_adapters,
+    injection,
+)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "cgc-lightning-adapter"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter and gate tensor of ``model``, detached, on the CPU."""
+    return {name: p.detach().cpu().contiguous() for name, p in adapter_parameters(model)}
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, base_model: str | None = None) -> Path:
+    """Write the adapter weights (safetensors) and the config needed to rebuild them.
+
+    Args:
+        model: a model with adapters.
+        path: output directory (created).
+        base_model: name or path of the base model, recorded for whoever reloads it.
+    """
+    inj = injection(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "base_model": base_model,
+        "adapter": inj.config.to_dict(),
+        "layout": inj.layout.to_dict(),
+        "target_names": inj.target_names,
+    }
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def read_adapter_config(path: str | Path) -> tuple[AdapterConfig, TaskLayout, list[str], dict]:
+    """Read ``adapter_config.json`` of a saved adapter; errors name the file and the problem."""
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a saved cgc-lightning adapter directory")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{cfg_file} is not a cgc-lightning adapter config (format={meta.get('format')!r}); "
+            "a PEFT adapter is loaded with peft.PeftModel.from_pretrained"
+        )
+    layout = TaskLayout(
+        tuple(meta["layout"]["tasks"]), tuple(meta["layout"]["clusters"]), tuple(meta["layout"]["task_cluster"])
+    )
+    return AdapterConfig(**meta["adapter"]), layout, list(meta["target_names"]), meta
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Rebuild the saved adapters on a freshly loaded base model and load their weights.
+
+    Only safetensors are read, so nothing is unpickled.
+    """
+    config, layout, targets, _ = read_adapter_config(path)
+    weights_file = Path(path) / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    config.target_modules = targets  # exactly the layers that were adapted
+    config.exclude_modules = []
+    inject_adapters(model, config, layout)
+    tensors = load_file(str(weights_file))
+    own = dict(adapter_parameters(model))
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            " (was it saved from a different base model?)"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            t = tensors[name]
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{weights_file}: tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}"
+                )
+            p.copy_(t.to(p.dtype))
+    return model
+
+
+def export_peft(model: nn.Module, task: int | str, path: str | Path, *, base_model: str | None = None) -> Path:
+    """Write one task's update as a PEFT LoRA adapter directory.
+
+    The rank is ``K * r``, where ``K`` is the number of experts the task sees (``S + P`` for CGC-LoRA).
+    """
+    inj = injection(model)
+    check_mergeable(inj.config)
+    t = _task_index(model, task)
+    tensors, rank, fan_in_fan_out = {}, None, False
+    for name, layer in adapted_layers(model):
+        A, B = layer.adapter.task_factors(t)  # (R, d_in), (d_out, R)
+        rank = A.shape[0]
+        fan_in_fan_out |= layer.fan_in_fan_out
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().cpu().contiguous()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,  # scaling 1: the method's own scaling is already folded into B'
+        "lora_dropout": 0.0,
+        "target_modules": sorted(inj.target_names),
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    (path / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2))
+    return path
