@@ -39,18 +39,28 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in adapter_parameters(model)}
 
 
-def save_adapter(model: nn.Module, path: str | Path, *, base_model: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    base_model: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the adapter weights (safetensors) and the config needed to rebuild them.
 
     Args:
         model: a model with adapters.
         path: output directory (created).
         base_model: name or path of the base model, recorded for whoever reloads it.
+        state_dict: adapter tensors to write instead of the model's current ones (e.g. a best checkpoint's).
     """
     inj = injection(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    tensors = adapter_state_dict(model)
+    if state_dict is not None:
+        tensors = {k: state_dict[k].detach().cpu().contiguous() if k in state_dict else v for k, v in tensors.items()}
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "version": 1,

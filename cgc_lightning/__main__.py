@@ -1,0 +1,3 @@
+from cgc_lightning.cli import main
+
+main()

@@ -1,0 +1,274 @@
+"""The LightningModule: a frozen HF causal LM plus the configured adapters; steps, losses, per-task metrics.
+
+No adapter math lives here: the model is loaded by :mod:`cgc_lightning.hf`, adapted by
+:mod:`cgc_lightning.inject`, and each batch's task ids reach the adapters through
+:func:`cgc_lightning.routing.route`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.hf import ModelSpec, load_model, load_tokenizer
+from cgc_lightning.inject import adapter_parameters, inject_adapters, is_adapter_param
+from cgc_lightning.metrics import TaskMetric
+from cgc_lightning.routing import route
+
+IGNORE = -100
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position.
+
+    Args:
+        logits: ``(B, L, V)``.
+        labels: ``(B, L)`` with ``-100`` where no loss is taken (prompt, padding).
+
+    Returns:
+        ``losses: (B, L-1)`` (zero where masked) and ``mask: (B, L-1)``.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
+    ).view(labels.shape)  # (B, L-1)
+    return losses * mask, mask
+
+
+class MultiTaskLoRAModule(L.LightningModule):
+    """Multi-task parameter-efficient fine-tuning of one frozen causal LM.
+
+    Args:
+        model: the base model to load.
+        adapter: the method (``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``) and its settings.
+        task_names: task names in task-id order (linked from the data module by the CLI).
+        task_clusters: cluster of each task (linked from the data module).
+        task_metrics: metric of each task (linked from the data module).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: share of the training steps spent warming the learning rate up linearly from 0.
+        schedule: decay after warm-up: ``cosine`` (to 10% of ``lr``), ``linear`` (to 0) or ``constant``.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        max_new_tokens: generation length for generative metrics and ``predict``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        adapter: AdapterConfig | None = None,
+        task_names: list[str] | None = None,
+        task_clusters: list[str] | None = None,
+        task_metrics: list[str] | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.05,
+        schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        gradient_checkpointing: bool = False,
+        max_new_tokens: int = 16,
+    ):
+        super().__init__()
+        model = ModelSpec(**model) if isinstance(model, dict) else model
+        adapter = AdapterConfig() if adapter is None else adapter
+        adapter = AdapterConfig(**adapter) if isinstance(adapter, dict) else adapter
+        if not task_names:
+            raise ValueError(
+                "model.task_names is empty: the CLI links it from data.tasks; set tasks in the data config"
+            )
+        clusters = list(task_clusters or ["all"] * len(task_names))
+        cluster_names = list(dict.fromkeys(clusters))
+        self.layout = TaskLayout(
+            tuple(task_names), tuple(cluster_names), tuple(cluster_names.index(c) for c in clusters)
+        )
+        self.task_metrics = list(task_metrics or ["accuracy"] * len(task_names))
+        # primitives only, so checkpoints load with weights_only=True
+        self.save_hyperparameters(
+            {
+                "model": asdict(model),
+                "adapter": asdict(adapter),
+                "task_names": list(task_names),
+                "task_clusters": clusters,
+                "task_metrics": self.task_metrics,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "betas": list(betas),
+                "warmup_ratio": warmup_ratio,
+                "schedule": schedule,
+                "gradient_checkpointing": gradient_checkpointing,
+                "max_new_tokens": max_new_tokens,
+            },
+            logger=False,
+        )  # MLflowConfigCallback logs params under stable, flat names
+        self.model_spec, self.adapter_config = model, adapter
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_ratio, self.schedule, self.max_new_tokens = warmup_ratio, schedule, max_new_tokens
+
+        self.model = load_model(model)
+        self.tokenizer = load_tokenizer(model)
+        self.param_report = inject_adapters(self.model, adapter, self.layout)
+        self.model.train()  # from_pretrained returns eval mode; Lightning switches modes for eval loops
+        if gradient_checkpointing:
+            enable = (
+                getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            )
+            enable({"use_reentrant": False})
+            self.model.config.use_cache = False
+        # checkpoints hold adapter tensors only; the frozen base comes from model.name_or_path
+        self.strict_loading = False
+        self.metrics = nn.ModuleDict(
+            {stage: nn.ModuleList([TaskMetric(m) for m in self.task_metrics]) for stage in ("val", "test")}
+        )
+        n = len(task_names)
+        self.register_buffer("_task_loss_sum", torch.zeros(n), persistent=False)
+        self.register_buffer("_task_tokens", torch.zeros(n), persistent=False)
+        self._eval_loss: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def forward(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
+        """Logits ``(B, L, V)``; each sample goes through its own task's (and cluster's) adapters."""
+        with route(self.model, task_ids, validate=False):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _per_task_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean target-token loss of the batch, and per-task sums of token losses and token counts."""
+        losses, mask = token_losses(
+            self(batch["input_ids"], batch["attention_mask"], batch["task_ids"]), batch["labels"]
+        )
+        n = len(self.layout.tasks)
+        per_sample, tokens = losses.sum(1), mask.sum(1).to(losses.dtype)  # (B,)
+        task_sum = torch.zeros(n, device=losses.device).index_add_(0, batch["task_ids"], per_sample)
+        task_tokens = torch.zeros(n, device=losses.device).index_add_(0, batch["task_ids"], tokens)
+        return losses.sum() / tokens.sum().clamp_min(1), task_sum, task_tokens
+
+    # --------------------------------------------------------------------------------------- training
+
+    def training_step(self, batch, batch_idx):
+        loss, task_sum, task_tokens = self._per_task_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self._task_loss_sum += task_sum.detach()
+        self._task_tokens += task_tokens
+        # per-task losses are averaged over the logging interval: one host sync per log, not per step
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._log_task_losses()
+        return loss
+
+    def _log_task_losses(self) -> None:
+        sums, tokens = self._task_loss_sum.tolist(), self._task_tokens.tolist()
+        values = {f"train/{name}/loss": s / c for name, s, c in zip(self.layout.tasks, sums, tokens, strict=True) if c}
+        if values:
+            self.log_dict(values, on_step=True, on_epoch=False)
+        self._task_loss_sum.zero_()
+        self._task_tokens.zero_()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the frozen base is not saved: it is reloaded from model.name_or_path
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k.removeprefix("model."))
+        }
+
+    def configure_optimizers(self):
+        params = [p for _, p in adapter_parameters(self.model) if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.warmup_ratio * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if self.schedule == "constant":
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if self.schedule == "linear":
+                return 1.0 - progress
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------- evaluation
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, "val", dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, "test", dataloader_idx)
+
+    def _eval_step(self, batch, stage: str, task: int) -> None:
+        _, task_sum, task_tokens = self._per_task_loss(batch)
+        acc = self._eval_loss.setdefault(stage, torch.zeros(2, len(self.layout.tasks), device=self.device))
+        acc[0] += task_sum
+        acc[1] += task_tokens
+        metric = self.metrics[stage][task]
+        if metric.name == "accuracy" and "choice_input_ids" in batch:
+            metric.update_choices(self._choice_predictions(batch) == batch["target_index"])
+        else:
+            metric.update_texts(self.generate_texts(batch), batch["references"])
+
+    def _choice_predictions(self, batch) -> torch.Tensor:
+        """Index of the likeliest answer choice of each example, ``(B,)``."""
+        example = batch["choice_example"]  # (N,) which example each (example, choice) pair belongs to
+        losses, _ = token_losses(
+            self(batch["choice_input_ids"], batch["choice_mask"], batch["task_ids"][example]), batch["choice_labels"]
+        )
+        loglik = -losses.sum(1)  # (N,)
+        B = batch["target_index"].shape[0]
+        counts = torch.bincount(example, minlength=B)
+        position = torch.arange(len(example), device=example.device) - (counts.cumsum(0) - counts)[example]
+        scores = torch.full((B, int(counts.max())), -torch.inf, device=loglik.device)
+        scores[example, position] = loglik  # (B, max choices)
+        return scores.argmax(1)
+
+    @torch.no_grad()
+    def generate_texts(self, batch) -> list[str]:
+        """Greedy continuations of the (left-padded) prompts, up to the first line break."""
+        prompt = batch["prompt_ids"]
+        with route(self.model, batch["task_ids"], validate=False):
+            out = self.model.generate(
+                input_ids=prompt,
+                attention_mask=batch["prompt_mask"],
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        texts = self.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
+        return [t.strip().split("\n")[0].strip() for t in texts]
+
+    def _log_eval(self, stage: str) -> None:
+        acc = self._eval_loss.pop(stage, None)
+        scores, losses = [], []
+        for t, name in enumerate(self.layout.tasks):
+            metric = self.metrics[stage][t]
+            value = metric.compute()
+            metric.reset()
+            self.log(f"{stage}/{name}/{metric.name}", value, add_dataloader_idx=False)
+            scores.append(value)
+            if acc is not None and acc[1, t] > 0:
+                loss = acc[0, t] / acc[1, t]
+                self.log(f"{stage}/{name}/loss", loss, add_dataloader_idx=False)
+                losses.append(loss)
+        self.log(f"{stage}/avg/score", torch.stack(scores).mean(), prog_bar=True, add_dataloader_idx=False)
+        if losses:
+            self.log(f"{stage}/avg/loss", torch.stack(losses).mean(), add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> list[dict]:
+        texts = self.generate_texts(batch)
+        task = self.layout.tasks[dataloader_idx]
+        return [
+            {"task": task, "prediction": p, "references": r} for p, r in zip(texts, batch["references"], strict=True)
+        ]

