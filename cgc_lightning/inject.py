@@ -78,10 +78,16 @@ class AdaptedLayer(nn.Module):
                 "this model's adapters need per-sample task ids and none are set: call it inside "
                 "`with cgc_lightning.routing.route(model, task_ids=...):`"
             )
-        lora_dtype = self.adapter.experts.lora_A.dtype
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_dtype)  # (B, T, d_in)
-        delta = self.adapter(x3, task_ids, cluster_ids)  # (B, T, d_out)
-        return out + delta.reshape(out.shape).to(out.dtype)
+        dtype = self.adapter.dtype
+        flat = x.dim() != 3  # reshape only when needed: each view is one more node for autograd to walk
+        x3 = (x.reshape(x.shape[0], -1, x.shape[-1]) if flat else x).to(dtype)  # (B, T, d_in)
+        if out.dtype != dtype:
+            delta = self.adapter(x3, task_ids, cluster_ids)  # (B, T, d_out)
+            return out + delta.reshape(out.shape).to(out.dtype)
+        # the usual case: the adapter adds its update inside its last product, no separate pass over `out`
+        out3 = out.reshape(x3.shape[0], x3.shape[1], -1) if flat else out  # (B, T, d_out)
+        h = self.adapter(x3, task_ids, cluster_ids, out=out3)
+        return h.reshape(out.shape) if flat else h
 
     def _weight_update(self, task: int) -> torch.Tensor:
         dW = self.adapter.delta_weight(task)  # (d_out, d_in)

@@ -73,3 +73,13 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.2) -> None:
 @pytest.fixture
 def layout():
     return LAYOUT
+
+
+@pytest.fixture(params=["dense", "gathered"])
+def expert_path(request, monkeypatch):
+    """Run a test through both expert kernels: all experts at weight 0 where unseen, and per-sample gathers."""
+    from cgc_lightning.adapters import experts
+
+    if request.param == "gathered":
+        monkeypatch.setattr(experts, "DENSE_MAX_RANK", 0)
+    return request.param

@@ -10,6 +10,8 @@ from cgc_lightning.adapters import CGCLoRA, IndependentLoRA, JointLoRA, MoELoRA
 from cgc_lightning.adapters.cgc_lora import expert_layout
 from tests.conftest import LAYOUT
 
+pytestmark = pytest.mark.usefixtures("expert_path")  # every test through both expert kernels
+
 D_IN, D_OUT, R = 12, 10, 4
 F64 = dict(dtype=torch.float64)
 

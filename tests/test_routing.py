@@ -11,6 +11,8 @@ from cgc_lightning.inject import adapter_parameters, inject_adapters
 from cgc_lightning.routing import route
 from tests.conftest import LAYOUT, VOCAB, randomize_adapters, tiny_model
 
+pytestmark = pytest.mark.usefixtures("expert_path")  # every test through both expert kernels
+
 
 def make(family="llama", method="cgc_lora", **kw):
     model = tiny_model(family)

@@ -33,6 +33,10 @@ class TaskEmbeddingGate(nn.Module):
         self.gate_task_emb = nn.Parameter(torch.randn(num_tasks, dim, dtype=dtype, device=device))  # (n_tasks, D)
         self.gate_W = nn.Parameter(torch.zeros(num_experts, dim, dtype=dtype, device=device))  # (E, D)
 
+    def table(self) -> torch.Tensor:
+        """Every task's gate weights, ``(n_tasks, E)``."""
+        return torch.softmax(self.gate_task_emb @ self.gate_W.t(), dim=-1)
+
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
         """task_ids: (B,) -> gate weights (B, E)."""
         return torch.softmax(self.gate_task_emb[task_ids] @ self.gate_W.t(), dim=-1)
@@ -92,6 +96,9 @@ class MoELoRA(Adapter):
     def route(self, x, task_ids, cluster_ids):
         task_ids = require_task_ids(task_ids, "moelora")
         return None, self.gate(task_ids).unsqueeze(1)  # all experts; weight (B, 1, E)
+
+    def route_dense(self, x, task_ids, cluster_ids):
+        return self.gate.table(), require_task_ids(task_ids, "moelora")  # (n_tasks, E): sample b uses row t(b)
 
     def task_route(self, task):
         ids = torch.tensor([task], device=self.experts.lora_A.device)
