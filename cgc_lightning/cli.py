@@ -33,6 +33,8 @@ class CGCLightningCLI(LightningCLI):
         parser.link_arguments("data.task_clusters", "model.task_clusters", apply_on="instantiate")
         parser.link_arguments("data.task_metrics", "model.task_metrics", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt every N steps, so a crash loses at most N steps: `fit --ckpt_path last` resumes from it
+        parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(BestAdapterArtifact, "best_adapter")
         parser.set_defaults(
@@ -42,6 +44,9 @@ class CGCLightningCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best",
+                "resume_checkpoint.every_n_train_steps": 50,
+                "resume_checkpoint.save_top_k": 0,
+                "resume_checkpoint.save_last": True,
             }
         )
 
@@ -50,11 +55,38 @@ class CGCLightningCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         ckpt = getattr(cfg, "ckpt_path", None)
         logger = cfg.trainer.logger
-        if self.subcommand in ("test", "validate", "predict") and ckpt and not isinstance(logger, bool):
+        if self.subcommand == "fit" and ckpt == "last":
+            cfg.ckpt_path = ckpt = find_last_checkpoint(cfg)
+        if self.subcommand in ("test", "validate", "predict", "fit") and ckpt and not isinstance(logger, bool):
             m = _CKPT_RUN.search(Path(ckpt).resolve().as_posix())
             init = getattr(logger, "init_args", None)
             if m and init is not None and getattr(init, "run_id", None) is None:
                 init.run_id = m.group("run")
+                init.resume = self.subcommand == "fit"
+
+
+def find_last_checkpoint(cfg) -> str:
+    """The newest ``last.ckpt`` of this config's MLflow experiment, for ``fit --ckpt_path last``."""
+    logger = cfg.trainer.logger
+    init = getattr(logger, "init_args", None) if not isinstance(logger, bool) else None
+    root = Path(getattr(init, "checkpoint_dir", None) or cfg.trainer.default_root_dir or "outputs")
+    experiment = getattr(init, "experiment_name", None) or "cgc-lightning"
+    found = sorted(root.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if init is not None:
+        from mlflow import MlflowClient
+
+        from cgc_lightning.tracking import default_tracking_uri
+
+        exp = MlflowClient(getattr(init, "tracking_uri", None) or default_tracking_uri()).get_experiment_by_name(
+            experiment
+        )
+        found = [p for p in found if exp is not None and p.parts[-4] == exp.experiment_id]
+    if not found:
+        raise SystemExit(
+            f"--ckpt_path last: no last.ckpt of experiment {experiment!r} under {root}/<experiment id>/<run id>/"
+            "checkpoints; give the checkpoint's path instead"
+        )
+    return str(found[-1])
 
 
 def main(args: list[str] | None = None) -> CGCLightningCLI:

@@ -43,6 +43,34 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses * mask, mask
 
 
+def rng_states() -> dict:
+    """Python, NumPy and torch (CPU and every CUDA device) RNG states, as plain tensors and lists."""
+    import random
+
+    import numpy as np
+
+    state = {"python": list(random.getstate()[1]) + [random.getstate()[2]], "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = [torch.from_numpy(np_state[1].astype("int64")), int(np_state[2])]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    *words, gauss = state["python"]
+    random.setstate((3, tuple(words), gauss))
+    torch.set_rng_state(state["torch"])
+    keys, pos = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype("uint32"), pos, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class MultiTaskLoRAModule(L.LightningModule):
     """Multi-task parameter-efficient fine-tuning of one frozen causal LM.
 
@@ -146,8 +174,8 @@ class MultiTaskLoRAModule(L.LightningModule):
         )
         n = len(self.layout.tasks)
         per_sample, tokens = losses.sum(1), mask.sum(1).to(losses.dtype)  # (B,)
-        task_sum = torch.zeros(n, device=losses.device).index_add_(0, batch["task_ids"], per_sample)
-        task_tokens = torch.zeros(n, device=losses.device).index_add_(0, batch["task_ids"], tokens)
+        task_sum = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, batch["task_ids"], per_sample)
+        task_tokens = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, batch["task_ids"], tokens)
         return losses.sum() / tokens.sum().clamp_min(1), task_sum, task_tokens
 
     # --------------------------------------------------------------------------------------- training
@@ -175,6 +203,18 @@ class MultiTaskLoRAModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k.removeprefix("model."))
         }
+        # RNG states (dropout), so a resumed run draws what the uninterrupted one would have
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
+            self._rng_to_restore = checkpoint["rng_states"]
+
+    def on_train_start(self) -> None:
+        # restored here, not on load: building the loaders' iterators in between draws from the RNG too
+        state = self.__dict__.pop("_rng_to_restore", None)
+        if state is not None:
+            set_rng_states(state)
 
     def configure_optimizers(self):
         params = [p for _, p in adapter_parameters(self.model) if p.requires_grad]

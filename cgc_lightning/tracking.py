@@ -42,6 +42,8 @@ class MLflowLogger(MLFlowLogger):
         artifact_location: for a new experiment; default ``mlruns/artifacts`` with the default store.
         run_id: continue this run instead of starting one (``test``/``validate`` of a trained run).
         checkpoint_dir: checkpoints go to ``<checkpoint_dir>/<experiment id>/<run id>/checkpoints``.
+        resume: ``fit`` resumed into ``run_id`` (set by the CLI): steps the run logged before its crash are not
+            logged again.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class MLflowLogger(MLFlowLogger):
         artifact_location: str | None = None,
         run_id: str | None = None,
         checkpoint_dir: str = "outputs",
+        resume: bool = False,
     ):
         tracking_uri = tracking_uri or default_tracking_uri()
         if tracking_uri == DEFAULT_URI:
@@ -68,10 +71,26 @@ class MLflowLogger(MLFlowLogger):
             log_model=False,
         )
         self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
+        self._logged_until: dict[str, int] = {}  # resumed run: last step already in the store, per metric
 
     @property
     def save_dir(self) -> str:
         return self.checkpoint_dir
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if self.resume and step is not None:
+            # steps between the checkpoint and the crash were logged already, with the same values (the
+            # resume is exact): keep the history free of repeats by not logging them again
+            metrics = {k: v for k, v in metrics.items() if step > self._last_logged_step(k)}
+        if metrics:
+            super().log_metrics(metrics, step)
+
+    def _last_logged_step(self, key: str) -> int:
+        if key not in self._logged_until:
+            history = self.experiment.get_metric_history(self.run_id, key)
+            self._logged_until[key] = max((m.step for m in history), default=-1)
+        return self._logged_until[key]
 
 
 def mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:

@@ -125,6 +125,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.splits: dict[str, list] | None = None
         self.cache_hits = 0  # tasks read back from the tokenised cache (rather than tokenised again)
         self._tokenizer = None
+        self._resume_samples = 0  # training samples of the current epoch already seen before a resume
 
     # ------------------------------------------------------------------ what the model needs to know
 
@@ -237,6 +238,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         sizes = [len(rows) for rows in train]
         probs = task_probabilities(sizes, self.sampling, self.temperature, [t.weight for t in self.tasks])
         sampler = MultiTaskSampler(sizes, probs, self.samples_per_epoch or sum(sizes), seed=self.seed)
+        if 0 < self._resume_samples < len(sampler):  # a checkpoint at the end of an epoch resumes at the next one
+            sampler.skip_next(self._resume_samples)
+            self._resume_samples = 0
         return DataLoader(
             ConcatDataset(train),
             batch_size=self.batch_size,
@@ -244,6 +248,25 @@ class MultiTaskDataModule(L.LightningDataModule):
             collate_fn=Collator(self.tokenizer.pad_token_id, self.task_cluster_ids),
             num_workers=self.num_workers,
         )
+
+    # ------------------------------------------------------------------------------ exact resume
+
+    def state_dict(self) -> dict:
+        """Where the training sampler is, saved in every checkpoint: the epoch and the batches done in it."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": done, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batches_done"):
+            if state.get("batch_size") != self.batch_size:
+                raise DataError(
+                    f"the checkpoint was written with data.batch_size={state.get('batch_size')}; resuming "
+                    f"with {self.batch_size} would not continue the same sample order"
+                )
+            self._resume_samples = state["batches_done"] * self.batch_size
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         collate = Collator(self.tokenizer.pad_token_id, self.task_cluster_ids, eval_mode=True)

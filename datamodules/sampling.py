@@ -55,9 +55,14 @@ class MultiTaskSampler(Sampler[int]):
         self.sizes, self.probs, self.num_samples, self.seed = list(sizes), probs, num_samples, seed
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_next(self, n: int) -> None:
+        """Leave out the first ``n`` indices of the next pass only: resuming mid-epoch after ``n`` samples."""
+        self._skip = n
 
     def __len__(self) -> int:
         return self.num_samples
@@ -67,8 +72,10 @@ class MultiTaskSampler(Sampler[int]):
         tasks = torch.multinomial(self.probs, self.num_samples, replacement=True, generator=g).tolist()
         orders = [torch.randperm(n, generator=g).tolist() for n in self.sizes]
         cursor = [0] * len(self.sizes)
-        for t in tasks:
+        skip, self._skip = self._skip, 0
+        for i, t in enumerate(tasks):
             if cursor[t] == self.sizes[t]:  # task exhausted: a new pass in a new order
                 orders[t], cursor[t] = torch.randperm(self.sizes[t], generator=g).tolist(), 0
-            yield self.offsets[t] + orders[t][cursor[t]]
+            if i >= skip:  # skipped draws still advance the orders, so the rest of the pass is unchanged
+                yield self.offsets[t] + orders[t][cursor[t]]
             cursor[t] += 1

@@ -1,0 +1,81 @@
+"""Exact resume: a fit killed by SIGKILL mid-epoch and resumed with `--ckpt_path last` equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    "--config",
+    "experiments/tiny.yaml",
+    "--trainer.max_steps=12",
+    "--trainer.val_check_interval=6",
+    "--trainer.log_every_n_steps=1",
+    "--resume_checkpoint.every_n_train_steps=4",
+    "--model.adapter.dropout=0.1",
+]
+
+
+def fit(cwd: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    args = [
+        sys.executable,
+        "-m",
+        "cgc_lightning",
+        "fit",
+        *COMMON,
+        f"--trainer.logger.init_args.experiment_name={experiment}",
+        *extra,
+    ]
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    whole = fit(tmp_path, "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(tmp_path, "crash", "--trainer.callbacks+=tests.crash.SigkillAt", "--trainer.callbacks.step=10")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = fit(tmp_path, "crash", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = {}
+    for name in ("whole", "crash"):
+        found = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert len(found) == 1, f"{name}: the resumed fit continues its run, it does not start another"
+        runs[name] = found[0]
+    assert runs["crash"].info.status == "FINISHED"
+
+    def history(run, key):
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+    for key in ("train/loss", "train/plausible/loss", "val/avg/score", "val/plausible/loss"):
+        a, b = history(runs["whole"], key), history(runs["crash"], key)
+        steps = [s for s, _ in b]
+        assert steps == sorted(set(steps)), f"{key}: no repeated steps"
+        assert [s for s, _ in a] == steps, f"{key}: no gaps"
+        assert torch.allclose(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-5), key
+    assert len(history(runs["crash"], "train/loss")) == 12
+
+    def weights(run):
+        ckpt = next(tmp_path.glob(f"outputs/*/{run.info.run_id}/checkpoints/last.ckpt"))
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["global_step"] == 12
+        return state["state_dict"]
+
+    a, b = weights(runs["whole"]), weights(runs["crash"])
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
