@@ -47,6 +47,10 @@ class CGCLightningCLI(LightningCLI):
                 "resume_checkpoint.every_n_train_steps": 50,
                 "resume_checkpoint.save_top_k": 0,
                 "resume_checkpoint.save_last": True,
+                # both write `last.ckpt` (whichever saved last holds the newest state); with the version counter
+                # on, the second would write `last-v1.ckpt` and leave a stale `last.ckpt` for `--ckpt_path last`
+                "checkpoint.enable_version_counter": False,
+                "resume_checkpoint.enable_version_counter": False,
             }
         )
 

@@ -25,6 +25,11 @@ from cgc_lightning.routing import route
 IGNORE = -100
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 for a softmax; float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy per position.
 
@@ -35,7 +40,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     Returns:
         ``losses: (B, L-1)`` (zero where masked) and ``mask: (B, L-1)``.
     """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    logits, labels = _upcast(logits[:, :-1]), labels[:, 1:]
     mask = labels != IGNORE
     losses = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
@@ -257,16 +262,53 @@ class MultiTaskLoRAModule(L.LightningModule):
     def _choice_predictions(self, batch) -> torch.Tensor:
         """Index of the likeliest answer choice of each example, ``(B,)``."""
         example = batch["choice_example"]  # (N,) which example each (example, choice) pair belongs to
-        losses, _ = token_losses(
-            self(batch["choice_input_ids"], batch["choice_mask"], batch["task_ids"][example]), batch["choice_labels"]
-        )
-        loglik = -losses.sum(1)  # (N,)
+        loglik = self.choice_loglik(batch)  # (N,)
         B = batch["target_index"].shape[0]
         counts = torch.bincount(example, minlength=B)
         position = torch.arange(len(example), device=example.device) - (counts.cumsum(0) - counts)[example]
         scores = torch.full((B, int(counts.max())), -torch.inf, device=loglik.device)
         scores[example, position] = loglik  # (B, max choices)
         return scores.argmax(1)
+
+    def choice_loglik(self, batch, reuse_prompt: bool = True) -> torch.Tensor:
+        """Log-likelihood of each (example, choice) pair's choice tokens given the example's prompt, ``(N,)``.
+
+        With ``reuse_prompt`` each prompt runs once and every choice of it is scored on the prompt's KV
+        cache (a prompt is often far longer than its choices); otherwise, or when the model's cache
+        cannot be gathered by example, each (prompt + choice) sequence runs whole.
+        """
+        example, task_ids = batch["choice_example"], batch["task_ids"]
+        if reuse_prompt and "choice_ids" in batch:
+            prompt, pmask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P), left-padded
+            with route(self.model, task_ids, validate=False):
+                out = self.model(
+                    input_ids=prompt,
+                    attention_mask=pmask,
+                    position_ids=(pmask.cumsum(1) - 1).clamp_min(0),
+                    use_cache=True,
+                )
+            cache = out.past_key_values
+            if hasattr(cache, "batch_select_indices"):
+                choice, cmask = batch["choice_ids"], batch["choice_ids_mask"]  # (N, C), right-padded
+                # the prompt's last position predicts each choice's first token
+                first = _upcast(out.logits[:, -1]).log_softmax(-1)[example].gather(1, choice[:, :1]).squeeze(1)  # (N,)
+                cache.batch_select_indices(example)  # (B, ...) -> (N, ...)
+                positions = pmask.sum(1)[example, None] + torch.arange(choice.shape[1], device=choice.device)  # (N, C)
+                with route(self.model, task_ids[example], validate=False):
+                    logits = self.model(
+                        input_ids=choice,
+                        attention_mask=torch.cat([pmask[example], cmask], dim=1),
+                        position_ids=positions,
+                        past_key_values=cache,
+                        use_cache=True,
+                    ).logits  # (N, C, V)
+                labels = choice.masked_fill(cmask == 0, IGNORE)  # (N, C)
+                losses, _ = token_losses(logits, labels)  # (N, C-1): choice tokens 2.. given the ones before
+                return first * cmask[:, 0] - losses.sum(1)
+        losses, _ = token_losses(
+            self(batch["choice_input_ids"], batch["choice_mask"], task_ids[example]), batch["choice_labels"]
+        )
+        return -losses.sum(1)
 
     @torch.no_grad()
     def generate_texts(self, batch) -> list[str]:

@@ -102,4 +102,7 @@ class Collator:
             batch["choice_mask"] = _pad([[1] * len(s) for s in seqs], 0)
             batch["choice_labels"] = _pad([[IGNORE] * len(p) + c for _, p, c in pairs], IGNORE)
             batch["choice_example"] = torch.tensor([i for i, _, _ in pairs], dtype=torch.long)  # (N_pairs,)
+            # the choices alone, for scoring them on the prompt's KV cache (the prompt then runs once per example)
+            batch["choice_ids"] = _pad([c for _, _, c in pairs], self.pad_id)  # (N_pairs, C), right-padded
+            batch["choice_ids_mask"] = _pad([[1] * len(c) for _, _, c in pairs], 0)
         return batch

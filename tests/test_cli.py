@@ -44,6 +44,8 @@ def test_fit_then_test_logs_everything_to_the_default_store(tmp_path):
     assert (cwd / "mlruns" / "mlflow.db").is_file()
     ckpts = sorted(cwd.glob("outputs/*/*/checkpoints/best.ckpt"))
     assert len(ckpts) == 1
+    # the best checkpoint and one last.ckpt (two callbacks write it; no stale copy beside a last-v1.ckpt)
+    assert sorted(p.name for p in ckpts[0].parent.iterdir()) == ["best.ckpt", "last.ckpt"]
     run_id = ckpts[0].parent.parent.name
     run_cli(cwd, "test", "--config", "experiments/tiny.yaml", "--ckpt_path", str(ckpts[0]))
 

@@ -1,0 +1,60 @@
+"""Evaluation: scoring answer choices on the prompt's KV cache equals scoring each prompt + choice whole."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgc_lightning.config import AdapterConfig
+from cgc_lightning.hf import ModelSpec
+from cgc_lightning.inject import adapter_parameters
+from cgc_lightning.module import MultiTaskLoRAModule
+from tests.conftest import tiny_config
+from tests.test_datamodule import make_dm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def family_dir(tmp_path: Path, family: str) -> str:
+    """A folder with a tiny ``family`` config and the fixture tokenizer (vocabulary 400)."""
+    if family == "llama":
+        return str(FIXTURES / "tiny-llama")
+    folder = tmp_path / family
+    cfg = tiny_config(family)
+    cfg.vocab_size = 400
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    cfg.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "tiny-llama" / name, folder / name)
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_choices_scored_on_the_prompt_cache_equal_whole_sequences(tmp_path, family):
+    dm = make_dm(tmp_path, max_eval_examples=6)
+    dm.setup("validate")
+    torch.manual_seed(0)
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=family_dir(tmp_path, family), random_init=True, dtype="float64"),
+        adapter=AdapterConfig(method="cgc_lora", r=4),
+        task_names=dm.task_names,
+        task_clusters=dm.task_clusters,
+    ).eval()
+    with torch.no_grad():
+        for _, p in adapter_parameters(module.model):  # B starts at zero: make the adapters matter
+            p.normal_(0, 0.3)
+    batch = next(iter(dm.val_dataloader()[0]))  # tiny_plausible: two choices per example
+    assert (batch["prompt_mask"][:, 0] == 0).any(), "the batch should hold prompts of different lengths"
+    calls = []  # batch size of each forward of the base model
+    module.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        cached = module.choice_loglik(batch, reuse_prompt=True)
+        whole = module.choice_loglik(batch, reuse_prompt=False)
+    B, N = len(batch["target_index"]), len(batch["choice_example"])
+    assert calls == [B, N, N], "the cached path runs the prompts once, then the choices alone"
+    assert cached.dtype == torch.float64 and cached.shape == batch["choice_example"].shape
+    torch.testing.assert_close(cached, whole, rtol=1e-9, atol=1e-9)
+    assert (whole < 0).all()
