@@ -6,8 +6,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Method = Literal["cgc_lora", "moelora", "joint_lora", "independent_lora"]
-METHODS: tuple[str, ...] = ("cgc_lora", "moelora", "joint_lora", "independent_lora")
+Method = Literal["cgc_lora", "moelora", "joint_lora", "independent_lora", "modula_res", "modula_flan"]
+METHODS: tuple[str, ...] = ("cgc_lora", "moelora", "joint_lora", "independent_lora", "modula_res", "modula_flan")
+MODULA_METHODS: tuple[str, ...] = ("modula_res", "modula_flan")
+Stage = Literal["joint", "universal", "domain", "router"]
+STAGES: tuple[str, ...] = ("joint", "universal", "domain", "router")
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class AdapterConfig:
     """The adapter method and its hyperparameters. Fields not used by the chosen method are ignored."""
 
     method: Method = "cgc_lora"
-    """``cgc_lora``, ``moelora``, ``joint_lora`` or ``independent_lora``."""
+    """``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``, ``modula_res`` or ``modula_flan``."""
     target_modules: str | list[str] = "auto"
     """Layers to adapt: ``auto`` (the preset for the model's family), a preset name (``llama``,
     ``qwen2``, ``gemma``, ``gemma3``, ``gpt2``), or a list of patterns: an exact module name, a
@@ -111,6 +114,26 @@ class AdapterConfig:
     """moelora: size of the task embedding the gate reads."""
     exclude_modules: list[str] = field(default_factory=list)
     """Patterns (same forms as ``target_modules``) of layers never to adapt."""
+    stage: Stage = "joint"
+    """modula_*: the training stage (METHODS.md section 3). ``universal`` trains the universal expert
+    alone; ``domain`` the domain experts not trained yet, each on its own domain's samples (routed by
+    the cluster label), universal frozen; ``router`` the router alone, every expert frozen; ``joint``
+    everything at once, routed by the router (a single-stage run). ``python -m cgc_lightning stages``
+    chains them."""
+    init_adapter: str | None = None
+    """Start from this saved adapter instead of fresh weights: a directory written by ``save_adapter``
+    (an MLflow ``best_adapter`` artifact), an MLflow ``runs:/<run id>/best_adapter`` URI, or a
+    ``.ckpt`` of ``fit``. For modula_*, domains are matched by cluster name: a saved domain missing from
+    the data's clusters is an error, a new cluster gets a fresh expert, and the ``domain`` stage trains
+    only the domains the saved adapter had not trained."""
+    num_universal: int = 1
+    """modula_*: universal experts (one in the paper)."""
+    router_top_k: int | None = None
+    """modula_*: route each token to its ``k`` likeliest experts, at their softmax probabilities (not
+    renormalised, as in the Switch Transformer); ``None``: the dense softmax over all of them."""
+    load_balance_coef: float = 0.0
+    """modula_*: weight of the router's load-balancing loss (Switch Transformer's), added to the
+    training loss in the stages that train the router; 0 turns it off."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -143,6 +166,20 @@ class AdapterConfig:
                 )
             if self.gate_dim <= 0:
                 raise ValueError(f"gate_dim must be positive, got {self.gate_dim}")
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
+        if self.method in MODULA_METHODS:
+            if self.num_universal < 1:
+                raise ValueError(f"{self.method} needs num_universal >= 1, got {self.num_universal}")
+            if self.router_top_k is not None and self.router_top_k < 1:
+                raise ValueError(f"router_top_k must be >= 1 or null (dense), got {self.router_top_k}")
+            if self.load_balance_coef < 0:
+                raise ValueError(f"load_balance_coef must be >= 0, got {self.load_balance_coef}")
+        elif self.stage != "joint":
+            raise ValueError(
+                f"stage {self.stage!r} is a MoDULA setting; method {self.method!r} trains in one stage "
+                f"(stage: joint). Staged methods: {MODULA_METHODS}"
+            )
 
     @property
     def shared_gate(self) -> bool:
@@ -153,6 +190,8 @@ class AdapterConfig:
 
     @property
     def mergeable(self) -> bool:
+        if self.method in MODULA_METHODS:
+            return self.stage in ("universal", "domain")  # no router yet: a constant update per task
         return self.method != "cgc_lora" or self.gate_input == "task"
 
     def to_dict(self) -> dict:

@@ -13,13 +13,15 @@ reads, so any LoRA-serving stack serves the task with no cgc-lightning code.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.adapters.modula import DOMAIN_TRAINED_STAGES, MoDULA
+from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
 from cgc_lightning.inject import (
     _task_index,
     adapted_layers,
@@ -119,6 +121,113 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                 )
             p.copy_(t.to(p.dtype))
     return model
+
+
+def read_saved_adapter(path: str | Path) -> tuple[AdapterConfig, TaskLayout, dict[str, torch.Tensor]]:
+    """The config, task layout and adapter tensors of a saved adapter directory, a ``fit`` ``.ckpt``, or an
+    MLflow artifact URI (``runs:/<run id>/best_adapter``, fetched from ``$MLFLOW_TRACKING_URI`` or the default store).
+    """
+    path = str(path)
+    if path.startswith(("runs:/", "mlflow-artifacts:/", "models:/")):
+        from mlflow.artifacts import download_artifacts
+
+        from cgc_lightning.tracking import default_tracking_uri
+
+        path = download_artifacts(artifact_uri=path, tracking_uri=default_tracking_uri())
+    if Path(path).is_file() and path.endswith(".ckpt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        hp = ckpt.get("hyper_parameters") or {}
+        if "adapter" not in hp or "task_names" not in hp:
+            raise ValueError(f"{path} is not a checkpoint of cgc-lightning's fit (no adapter hyperparameters)")
+        clusters = list(hp.get("task_clusters") or ["all"] * len(hp["task_names"]))
+        names = list(dict.fromkeys(clusters))
+        layout = TaskLayout(tuple(hp["task_names"]), tuple(names), tuple(names.index(c) for c in clusters))
+        tensors = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        return AdapterConfig(**hp["adapter"]), layout, tensors
+    config, layout, _, _ = read_adapter_config(path)
+    weights_file = Path(path) / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    return config, layout, load_file(str(weights_file))
+
+
+def domain_rows(saved: tuple[str, ...], clusters: tuple[str, ...], where: str) -> list[int | None]:
+    """For each of ``clusters``, its index among the ``saved`` domains, or ``None`` for a new one (matched by name)."""
+    missing = [c for c in saved if c not in clusters]
+    if missing:
+        raise ValueError(
+            f"{where} has domain expert(s) {missing} that are not among this run's clusters {list(clusters)}; "
+            "domains are matched by cluster name and a trained domain cannot be dropped: keep its cluster in "
+            "data.clusters (and at least one of its tasks), or rename the cluster back"
+        )
+    return [saved.index(c) if c in saved else None for c in clusters]
+
+
+@torch.no_grad()
+def init_from_adapter(model: nn.Module, path: str | Path) -> list[str]:
+    """Start ``model``'s adapters from a saved adapter, e.g. the previous training stage's.
+
+    The method and its shapes must match. For MoDULA, the domains are matched by cluster name: the
+    universal experts and every saved domain's expert and router row are copied, a cluster the
+    saved adapter does not have keeps its fresh expert, and the layers are set to this model's stage
+    with the saved adapter's trained domains frozen (so a ``domain`` stage trains only new domains).
+
+    Args:
+        model: a model with adapters (:func:`~cgc_lightning.inject.inject_adapters`).
+        path: see :func:`read_saved_adapter`.
+
+    Returns:
+        The clusters whose domain expert was not trained by the saved adapter (MoDULA; ``[]`` otherwise).
+    """
+    inj = injection(model)
+    saved_config, saved_layout, tensors = read_saved_adapter(path)
+    if saved_config.method != inj.config.method:
+        raise ValueError(f"{path} holds a {saved_config.method} adapter; this model's method is {inj.config.method}")
+    own = dict(adapter_parameters(model))
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(saved from a different base model or other target_modules?)"
+        )
+    if inj.config.method not in MODULA_METHODS:
+        for name, p in own.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(
+                    f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(p.shape)}"
+                    " (a different task layout or method settings?)"
+                )
+            p.copy_(tensors[name].to(p.dtype))
+        return []
+    for field in ("r", "num_universal"):
+        if getattr(saved_config, field) != getattr(inj.config, field):
+            raise ValueError(
+                f"{path} was trained with {field}={getattr(saved_config, field)}, this model has "
+                f"{field}={getattr(inj.config, field)}; a stage continues the previous one's experts as they are"
+            )
+    rows = domain_rows(saved_layout.clusters, inj.layout.clusters, str(path))
+    trained = [k for k, old in enumerate(rows) if old is not None and saved_config.stage in DOMAIN_TRAINED_STAGES]
+    for name, layer in adapted_layers(model):
+        adapter = layer.adapter
+        assert isinstance(adapter, MoDULA)
+        prefix = f"{name}.adapter."
+        adapter.load_saved({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, rows)
+        adapter.set_stage(inj.config.stage, trained_domains=trained)
+    untrained = [c for k, c in enumerate(inj.layout.clusters) if k not in trained]
+    stage = inj.config.stage
+    if stage == "domain" and not untrained:
+        raise ValueError(
+            f"stage 'domain' has no domain to train: {path} (stage {saved_config.stage!r}) has trained every "
+            f"cluster of this run ({list(inj.layout.clusters)}); add a cluster to the data to add a domain, or "
+            "start from the universal stage's adapter to train the domains again"
+        )
+    if stage == "router" and untrained:
+        warnings.warn(
+            f"stage 'router' starts from {path}, whose domain expert(s) for {untrained} were never trained; "
+            "run the domain stage first",
+            stacklevel=2,
+        )
+    return untrained
 
 
 def export_peft(model: nn.Module, task: int | str, path: str | Path, *, base_model: str | None = None) -> Path:

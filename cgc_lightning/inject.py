@@ -20,8 +20,9 @@ from transformers.pytorch_utils import Conv1D
 from cgc_lightning.adapters.cgc_lora import CGCLoRA, TaskLogitGate, expert_layout
 from cgc_lightning.adapters.experts import Adapter
 from cgc_lightning.adapters.lora import IndependentLoRA, JointLoRA
+from cgc_lightning.adapters.modula import MoDULA
 from cgc_lightning.adapters.moelora import MoELoRA, TaskEmbeddingGate
-from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
 from cgc_lightning.routing import RoutingState, attach_routing_state, routing_state
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -183,7 +184,10 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 def param_report(model: nn.Module) -> ParamReport:
     params = list(model.parameters())
-    return ParamReport(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    # a MoDULA stage freezes some rows of tensors that require grad; they are not trained
+    trainable -= sum(getattr(layer.adapter, "frozen_numel", 0) for _, layer in adapted_layers(model))
+    return ParamReport(trainable, sum(p.numel() for p in params))
 
 
 def _build_shared_gate(config: AdapterConfig, layout: TaskLayout, dtype, device) -> nn.Module | None:
@@ -230,6 +234,16 @@ def build_adapter(
             split_rank=config.split_rank,
             gate=gate,
             gate_dim=config.gate_dim,
+            **common,
+        )
+    if config.method in MODULA_METHODS:
+        return MoDULA(
+            task_clusters=layout.task_cluster,
+            variant=config.method.removeprefix("modula_"),
+            num_universal=config.num_universal,
+            stage=config.stage,
+            top_k=config.router_top_k,
+            load_balance_coef=config.load_balance_coef,
             **common,
         )
     return CGCLoRA(
@@ -301,6 +315,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, layout: TaskLayout)
     model.__dict__["_cgc_injection"] = Injection(config, layout, [n for n, _ in targets])
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(name))
+    for _, layer in adapted_layers(model):
+        if isinstance(layer.adapter, MoDULA):  # a staged method trains only its stage's part
+            layer.adapter.set_stage(config.stage)
     return param_report(model)
 
 
@@ -319,6 +336,11 @@ def _task_index(model: nn.Module, task: int | str) -> int:
 
 
 def check_mergeable(config: AdapterConfig) -> None:
+    if not config.mergeable and config.method in MODULA_METHODS:
+        raise ValueError(
+            f"{config.method} in stage {config.stage!r} routes each token, so a task's update is not a constant "
+            "matrix and cannot be merged or exported as LoRA; only the universal and domain stages are mergeable"
+        )
     if not config.mergeable:
         raise ValueError(
             f"{config.method} with gate_input={config.gate_input!r} reads each token, so a task's "

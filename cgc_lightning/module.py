@@ -16,36 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
+from cgc_lightning.export import init_from_adapter
 from cgc_lightning.hf import ModelSpec, load_model, load_tokenizer
-from cgc_lightning.inject import adapter_parameters, inject_adapters, is_adapter_param
+from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adapters, is_adapter_param, param_report
 from cgc_lightning.metrics import TaskMetric
 from cgc_lightning.routing import route
 
 IGNORE = -100
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half precision to float32 for a softmax; float32 and float64 as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy per position.
-
-    Args:
-        logits: ``(B, L, V)``.
-        labels: ``(B, L)`` with ``-100`` where no loss is taken (prompt, padding).
-
-    Returns:
-        ``losses: (B, L-1)`` (zero where masked) and ``mask: (B, L-1)``.
-    """
-    logits, labels = _upcast(logits[:, :-1]), labels[:, 1:]
-    mask = labels != IGNORE
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
-    ).view(labels.shape)  # (B, L-1)
-    return losses * mask, mask
 
 
 def rng_states() -> dict:
@@ -76,12 +54,36 @@ def set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 for a softmax; float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position.
+
+    Args:
+        logits: ``(B, L, V)``.
+        labels: ``(B, L)`` with ``-100`` where no loss is taken (prompt, padding).
+
+    Returns:
+        ``losses: (B, L-1)`` (zero where masked) and ``mask: (B, L-1)``.
+    """
+    logits, labels = _upcast(logits[:, :-1]), labels[:, 1:]
+    mask = labels != IGNORE
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
+    ).view(labels.shape)  # (B, L-1)
+    return losses * mask, mask
+
+
 class MultiTaskLoRAModule(L.LightningModule):
     """Multi-task parameter-efficient fine-tuning of one frozen causal LM.
 
     Args:
         model: the base model to load.
-        adapter: the method (``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``) and its settings.
+        adapter: the method (``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``, ``modula_res``,
+            ``modula_flan``) and its settings.
         task_names: task names in task-id order (linked from the data module by the CLI).
         task_clusters: cluster of each task (linked from the data module).
         task_metrics: metric of each task (linked from the data module).
@@ -148,6 +150,20 @@ class MultiTaskLoRAModule(L.LightningModule):
         self.model = load_model(model)
         self.tokenizer = load_tokenizer(model)
         self.param_report = inject_adapters(self.model, adapter, self.layout)
+        if adapter.init_adapter:  # the previous training stage's adapter (MoDULA), or a warm start
+            init_from_adapter(self.model, adapter.init_adapter)
+            self.param_report = param_report(self.model)
+        if weight_decay and adapter.method in MODULA_METHODS and adapter.stage in ("universal", "domain"):
+            raise ValueError(
+                f"stage {adapter.stage!r} freezes some experts of a stacked tensor by zeroing their gradient rows, "
+                "and AdamW's weight decay would still move them: set model.weight_decay: 0 for this stage"
+            )
+        # router load-balancing losses (MoDULA) join the training loss; an empty list costs nothing
+        self._aux_adapters = [
+            layer.adapter
+            for _, layer in adapted_layers(self.model)
+            if getattr(layer.adapter, "load_balance_coef", 0.0) > 0
+        ]
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes for eval loops
         if gradient_checkpointing:
             enable = (
@@ -188,6 +204,13 @@ class MultiTaskLoRAModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, task_sum, task_tokens = self._per_task_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        aux = [a.aux_loss for a in self._aux_adapters if a.aux_loss is not None]  # left by this step's forward
+        if aux:
+            aux_loss = torch.stack(aux).sum()
+            self.log("train/aux_loss", aux_loss, batch_size=batch["input_ids"].shape[0])
+            loss = loss + aux_loss
+            for a in self._aux_adapters:
+                a.aux_loss = None
         self._task_loss_sum += task_sum.detach()
         self._task_tokens += task_tokens
         # per-task losses are averaged over the logging interval: one host sync per log, not per step
