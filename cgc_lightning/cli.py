@@ -2,16 +2,26 @@
 
 python -m cgc_lightning fit --config experiments/exp.yaml
 python -m cgc_lightning test --config experiments/exp.yaml --ckpt_path outputs/<exp>/<run>/checkpoints/best.ckpt
+
+Three more subcommands run whole experiments, each ``fit`` (and ``test``) one or more times; they are
+not LightningCLI subcommands and take their own config files:
+
+python -m cgc_lightning compare --config experiments/compare/exp.yaml   methods side by side   (cgc_lightning.compare)
+python -m cgc_lightning grid --config experiments/grids/<name>.yaml     an ablation grid       (cgc_lightning.grid)
+python -m cgc_lightning stages --config experiments/stages/<name>.yaml  staged training        (cgc_lightning.stages)
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from cgc_lightning.callbacks import GateUsageMonitor, GradientConflictMonitor, SeesawMonitor
 from cgc_lightning.module import MultiTaskLoRAModule
 from cgc_lightning.tracking import BestAdapterArtifact, MLflowConfigCallback
 from datamodules.multitask import MultiTaskDataModule
@@ -37,6 +47,10 @@ class CGCLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(BestAdapterArtifact, "best_adapter")
+        # seesaw diagnostics, on by default; `<name>.enabled: false` turns one off
+        parser.add_lightning_class_args(SeesawMonitor, "seesaw")
+        parser.add_lightning_class_args(GradientConflictMonitor, "grad_conflict")
+        parser.add_lightning_class_args(GateUsageMonitor, "gate_usage")
         parser.set_defaults(
             {
                 "lr_monitor.logging_interval": "step",
@@ -93,7 +107,17 @@ def find_last_checkpoint(cfg) -> str:
     return str(found[-1])
 
 
-def main(args: list[str] | None = None) -> CGCLightningCLI:
+#: Subcommands that are not LightningCLI's: each module has ``main(argv)``.
+TOOLS = {"compare": "cgc_lightning.compare", "grid": "cgc_lightning.grid", "stages": "cgc_lightning.stages"}
+
+
+def main(args: list[str] | None = None) -> CGCLightningCLI | None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        result = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        if isinstance(result, int) and result:  # grid: the number of points that failed
+            raise SystemExit(result)
+        return None
     return CGCLightningCLI(
         MultiTaskLoRAModule,
         MultiTaskDataModule,

@@ -1,0 +1,58 @@
+"""Where diagnostics go: numbers to every logger of the trainer, figures and tables to the MLflow run.
+
+Everything here is a no-op off rank 0 and when the trainer has no logger (``logger: false``), so the
+callbacks that use it still compute their diagnostics and keep them on themselves. Figures are
+drawn on the training thread, at validation: matplotlib holds the GIL while it draws, so a
+background thread would take the time from the training loop all the same, only less visibly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from lightning.pytorch import Trainer
+
+from cgc_lightning.tracking import mlflow_logger
+
+
+def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+    """Log plain floats under ``step`` to every logger (MLflow, CSV, ...), on rank 0 only."""
+    if not metrics or not trainer.is_global_zero:
+        return
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=step)
+
+
+def log_figure(trainer: Trainer, build: Callable[[], object], path: str) -> None:
+    """Log the matplotlib figure ``build()`` returns as the PNG artifact ``path`` of the MLflow run (a later
+    call replaces it); ``build`` is not called without an MLflow logger or off rank 0."""
+    logger = mlflow_logger(trainer)
+    if logger is None or not trainer.is_global_zero:
+        return
+    logger.experiment.log_figure(logger.run_id, build(), path)
+
+
+def log_json(trainer: Trainer, data: dict, path: str) -> None:
+    """Log ``data`` as the JSON artifact ``path`` of the MLflow run."""
+    logger = mlflow_logger(trainer)
+    if logger is None or not trainer.is_global_zero:
+        return
+    logger.experiment.log_text(logger.run_id, json.dumps(data, indent=1), path)
+
+
+class Stopwatch:
+    """Seconds a callback has spent on its diagnostics, so their overhead can be measured and reported."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextmanager
+    def __call__(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start

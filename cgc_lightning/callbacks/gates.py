@@ -1,0 +1,269 @@
+r"""Gate and router use: how much weight each task puts on each expert, and how spread out it is.
+
+For layer l, task t, expert e, over the target tokens i of task t's examples in the probe:
+
+    use[l, t, e] = mean_i g_{l,i,e}                 (a task gate: the same g for every token)
+    H[l, t]      = mean_i ( - sum_e p_{l,i,e} log p_{l,i,e} ),   p = g / sum_e g   (sum_e g = 1 but for MoDULA-Res)
+
+The weights are read off each adapter's own ``route`` during the validation loop's forward pass of
+the first batch of each task, so a token-reading gate (CGC-LoRA ``gate_input: token``, MoDULA's router) is
+measured on real inputs. Methods without a gate (joint and independent LoRA, MoDULA's universal and
+domain stages) have nothing to report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from cgc_lightning.adapters.cgc_lora import expert_layout
+from cgc_lightning.adapters.experts import spread_weights
+from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_json, log_metrics
+from cgc_lightning.config import AdapterConfig, TaskLayout
+from cgc_lightning.inject import adapted_layers, injection
+from cgc_lightning.routing import route
+
+
+def expert_labels(config: AdapterConfig, layout: TaskLayout, num_experts: int) -> list[str]:
+    """A name for each expert of a layer, in expert-axis order.
+
+    CGC-LoRA: ``shared.<cluster>.<i>`` (``shared.<i>`` with one cluster) and ``specific.<task>.<j>``;
+    MoDULA: ``universal``, ``domain.<cluster>``; MOELoRA: ``expert.<e>``; independent LoRA: the task's name;
+    joint LoRA: ``lora``.
+    """
+    if config.method == "cgc_lora":
+        labels = [""] * num_experts
+        visible, _ = expert_layout(layout.task_cluster, config.num_shared, config.num_specific)
+        S = config.num_shared
+        for t, row in enumerate(visible.tolist()):
+            cluster = layout.clusters[layout.task_cluster[t]]
+            for i, e in enumerate(row[:S]):
+                labels[e] = f"shared.{cluster}.{i}" if len(layout.clusters) > 1 else f"shared.{i}"
+            for j, e in enumerate(row[S:]):
+                labels[e] = f"specific.{layout.tasks[t]}.{j}"
+        return labels
+    if config.method.startswith("modula"):
+        from cgc_lightning.adapters.modula import expert_labels as modula_labels
+
+        return modula_labels(layout.clusters, getattr(config, "num_universal", 1))
+    if config.method == "independent_lora":
+        return list(layout.tasks)
+    if config.method == "joint_lora":
+        return ["lora"]
+    return [f"expert.{e}" for e in range(num_experts)]
+
+
+@dataclass
+class GateUsage:
+    """Average gate weights per layer, task and expert."""
+
+    layers: list[str]
+    tasks: tuple[str, ...]
+    experts: list[str]
+    weight: torch.Tensor
+    """``(L, n_tasks, E)`` mean gate weight; ``nan`` for an expert the task cannot reach or a task without data."""
+    entropy: torch.Tensor
+    """``(L, n_tasks)`` mean gate entropy in nats; ``nan`` for a task without data."""
+
+    def mean_weight(self) -> torch.Tensor:
+        """``(n_tasks, E)`` averaged over layers."""
+        return self.weight.mean(0)
+
+    def mean_entropy(self) -> torch.Tensor:
+        """``(n_tasks,)`` averaged over layers."""
+        return self.entropy.mean(0)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": self.layers,
+            "tasks": list(self.tasks),
+            "experts": self.experts,
+            "weight": _nan_to_none(self.weight.tolist()),
+            "entropy": _nan_to_none(self.entropy.tolist()),
+        }
+
+
+def _nan_to_none(values):
+    if isinstance(values, list):
+        return [_nan_to_none(v) for v in values]
+    return None if math.isnan(values) else values
+
+
+class _Recorder:
+    """Forward pre-hooks on every adapter that add up each task's gate weights and entropies.
+
+    :meth:`expect` names the batch that goes through next: its shape, its token mask and which rows
+    count. A hook records an adapter's input only when its shape is that batch's, and only once per
+    :meth:`expect`, so other forwards of the same step (answer choices, generation) are left out.
+    """
+
+    def __init__(self, model: nn.Module, n_tasks: int):
+        self.layers = list(adapted_layers(model))
+        L, E = len(self.layers), self.layers[0][1].adapter.experts.num_experts
+        self.weight = torch.zeros(L, n_tasks, E, dtype=torch.float64)
+        self.entropy = torch.zeros(L, n_tasks, dtype=torch.float64)
+        self.tokens = torch.zeros(L, n_tasks, dtype=torch.float64)
+        self.reach = torch.zeros(L, n_tasks, E, dtype=torch.float64)  # > 0: the task's route reaches the expert
+        self.gated = [False] * L
+        self._mask: torch.Tensor | None = None  # (B, T), 0 on padding and on rows that do not count
+        self._pending = [False] * L
+        self._handles = []
+
+    def expect(self, attention_mask: torch.Tensor, rows: int | None = None) -> None:
+        """The next forward is of a batch with this ``(B, T)`` mask; count its first ``rows`` samples."""
+        mask = attention_mask.to(torch.float64)
+        if rows is not None and rows < mask.shape[0]:
+            mask = torch.cat([mask[:rows], mask.new_zeros(mask.shape[0] - rows, mask.shape[1])])
+        self._mask, self._pending = mask, [True] * len(self.layers)
+
+    def __enter__(self):
+        for i, (_, layer) in enumerate(self.layers):
+            self._handles.append(layer.adapter.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, i: int):
+        def hook(adapter, args, kwargs):
+            x, task_ids, cluster_ids = args[:3]  # (B, T, d_in), (B,), (B,)
+            if not self._pending[i] or tuple(x.shape[:2]) != tuple(self._mask.shape):
+                return
+            self._pending[i] = False
+            index, weight = adapter.route(x, task_ids, cluster_ids)
+            if weight is None:  # no gate: joint or independent LoRA
+                return
+            self.gated[i] = True
+            E = adapter.experts.num_experts
+            w = (weight if index is None else spread_weights(weight, index, E, weight.dtype)).double()  # (B, T|1, E)
+            mask = self._mask.to(w.device)  # (B, T)
+            if w.shape[1] == 1:
+                w = w.expand(-1, mask.shape[1], -1)  # a task gate: one weight for every token
+            p = w / w.sum(-1, keepdim=True).clamp_min(1e-30)  # MoDULA-Res: universal at 1 beside the router's mix
+            ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (B, T)
+            if index is None:
+                reach = torch.ones(x.shape[0], E, dtype=torch.float64, device=w.device)
+            else:
+                reach = (index[:, :, None] == torch.arange(E, device=index.device)).any(1).double()  # (B, E)
+            counted = (mask.sum(1) > 0).double()[:, None]  # (B, 1)
+            ids = task_ids.cpu()
+            self.weight[i].index_add_(0, ids, (w * mask[..., None]).sum(1).cpu())
+            self.entropy[i].index_add_(0, ids, (ent * mask).sum(1).cpu())
+            self.tokens[i].index_add_(0, ids, mask.sum(1).cpu())
+            self.reach[i].index_add_(0, ids, (reach * counted).cpu())
+
+        return hook
+
+    def result(self, model: nn.Module) -> GateUsage | None:
+        if not any(self.gated):
+            return None
+        inj = injection(model)
+        keep = [i for i, g in enumerate(self.gated) if g]
+        tokens = self.tokens[keep]  # (L, n)
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        reached = (self.reach[keep] > 0) & (tokens[..., None] > 0)
+        weight = torch.where(reached, self.weight[keep] / tokens[..., None].clamp_min(1), nan)
+        entropy = torch.where(tokens > 0, self.entropy[keep] / tokens.clamp_min(1), nan)
+        labels = expert_labels(inj.config, inj.layout, self.weight.shape[-1])
+        return GateUsage([self.layers[i][0] for i in keep], inj.layout.tasks, labels, weight, entropy)
+
+
+def gate_usage(model: nn.Module, batches: Sequence[dict]) -> GateUsage | None:
+    """Gate weights of every adapted layer on ``batches`` (each with ``input_ids``, ``attention_mask``,
+    ``task_ids``), one forward pass each; ``None`` when the model's method has no gate."""
+    with torch.no_grad(), _Recorder(model, len(injection(model).layout.tasks)) as rec:
+        for batch in batches:
+            rec.expect(batch["attention_mask"])
+            with route(model, batch["task_ids"], validate=False):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return rec.result(model)
+
+
+class GateUsageMonitor(Callback):
+    """At each validation during ``fit``: each task's average gate weight per expert, and gate entropy.
+
+    Logs (step = ``global_step``): ``gate/<task>/<expert>`` (averaged over layers, experts the task can
+    reach) and ``gate/<task>/entropy``; artifacts ``diagnostics/gate_usage.png`` (task x expert,
+    averaged over layers) and ``diagnostics/gate_usage.json`` (per layer), refreshed each time.
+    The weights are read, through forward pre-hooks, off the validation loop's own forward pass of
+    the first ``examples_per_task`` examples of each validation loader's first batch: no extra pass.
+
+    Args:
+        enabled: turn the callback off.
+        examples_per_task: examples of each validation loader's first batch that count.
+        plot: log the heatmap and the per-layer table.
+    """
+
+    def __init__(self, enabled: bool = True, examples_per_task: int = 8, plot: bool = True):
+        if examples_per_task < 1:
+            raise ValueError(f"gate_usage.examples_per_task must be >= 1, got {examples_per_task}")
+        self.enabled, self.examples_per_task, self.plot = enabled, examples_per_task, plot
+        self.last: GateUsage | None = None
+        self.stopwatch = Stopwatch()
+        self._recorder: _Recorder | None = None
+        self._no_gate = False
+
+    def _active(self, trainer: Trainer) -> bool:
+        return (
+            self.enabled
+            and not self._no_gate
+            and trainer.is_global_zero
+            and not trainer.sanity_checking
+            and trainer.state.fn == TrainerFn.FITTING
+        )
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx != 0 or not self._active(trainer):
+            return
+        with self.stopwatch():
+            if self._recorder is None:
+                self._recorder = _Recorder(pl_module.model, len(pl_module.layout.tasks)).__enter__()
+            self._recorder.expect(batch["attention_mask"], self.examples_per_task)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._recorder is None:
+            return
+        with self.stopwatch():
+            recorder, self._recorder = self._recorder, None
+            recorder.__exit__()
+            usage = recorder.result(pl_module.model)
+            if usage is None:
+                self._no_gate = True
+                return
+            self.last = usage
+            step = trainer.global_step
+            mean_w, mean_h = usage.mean_weight(), usage.mean_entropy()
+            out = {}
+            for t, task in enumerate(usage.tasks):
+                for e, label in enumerate(usage.experts):
+                    if math.isfinite(float(mean_w[t, e])):
+                        out[f"gate/{task}/{label}"] = float(mean_w[t, e])
+                if math.isfinite(float(mean_h[t])):
+                    out[f"gate/{task}/entropy"] = float(mean_h[t])
+            log_metrics(trainer, out, step)
+            if self.plot and trainer.loggers:
+                weights, tasks, experts = mean_w.tolist(), usage.tasks, usage.experts
+                title = f"mean gate weight per task and expert, step {step}\n(blank: the task cannot reach it)"
+
+                def build():
+                    from cgc_lightning.callbacks.plots import heatmap
+
+                    return heatmap(weights, tasks, experts, title, vmin=0, vmax=1, cmap="viridis", colorbar="mean")
+
+                log_figure(trainer, build, "diagnostics/gate_usage.png")
+                log_json(trainer, {"step": step, **usage.to_dict()}, "diagnostics/gate_usage.json")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__()
+            self._recorder = None

@@ -1,0 +1,204 @@
+r"""Seesaw: between two validations, one task gets better while another gets worse.
+
+For task t with validation metric M_t (sign s_t = -1 when lower is better, else +1), between
+validation v-1 and v:
+
+    delta_t     = M_t(v) - M_t(v-1)                 the raw change, logged as seesaw/<task>/delta
+    improve_t   = s_t * delta_t                     > margin: improving, < -margin: degrading
+    event(v)    = any task improving and another degrading
+    rate(v)     = events so far / validations with a predecessor so far
+
+The per-task metric and loss themselves are the module's ``val/<task>/<metric>`` and
+``val/<task>/loss``; this callback reads them back rather than logging them twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+
+from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_metrics
+from cgc_lightning.metrics import LOWER_IS_BETTER
+
+
+@dataclass(frozen=True)
+class SeesawStep:
+    """What one validation changed, against the one before it."""
+
+    step: int
+    delta: dict[str, float]
+    """Raw change of each task's signal since the last validation (tasks seen both times only)."""
+    improving: tuple[str, ...]
+    """Tasks whose sign-corrected change is above the margin."""
+    degrading: tuple[str, ...]
+    """Tasks whose sign-corrected change is below minus the margin."""
+
+    @property
+    def event(self) -> bool:
+        return bool(self.improving) and bool(self.degrading)
+
+
+@dataclass
+class SeesawTracker:
+    """The bookkeeping, free of Lightning: feed it each validation's per-task values in order.
+
+    Args:
+        metric_names: ``{task: name of the value fed}``; a name in ``lower_is_better`` flips the sign.
+        margin: a task counts as improving or degrading only when it moves by more than this.
+        lower_is_better: metric names where a decrease is an improvement.
+    """
+
+    metric_names: Mapping[str, str]
+    margin: float = 0.0
+    lower_is_better: Collection[str] = LOWER_IS_BETTER
+    steps: list[int] = field(default_factory=list)
+    values: list[dict[str, float]] = field(default_factory=list)
+    changes: list[SeesawStep] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.margin < 0:
+            raise ValueError(f"the seesaw margin must be >= 0, got {self.margin}")
+
+    def sign(self, task: str) -> float:
+        return -1.0 if self.metric_names.get(task) in self.lower_is_better else 1.0
+
+    def update(self, step: int, values: Mapping[str, float]) -> SeesawStep | None:
+        """Record one validation; return its change against the previous one (``None`` for the first)."""
+        values = {t: float(v) for t, v in values.items() if v is not None and not math.isnan(float(v))}
+        previous = self.values[-1] if self.values else None
+        self.steps.append(step)
+        self.values.append(values)
+        if previous is None:
+            return None
+        delta = {t: values[t] - previous[t] for t in values if t in previous}
+        improving = tuple(t for t, d in delta.items() if self.sign(t) * d > self.margin)
+        degrading = tuple(t for t, d in delta.items() if self.sign(t) * d < -self.margin)
+        change = SeesawStep(step, delta, improving, degrading)
+        self.changes.append(change)
+        return change
+
+    @property
+    def events(self) -> int:
+        return sum(c.event for c in self.changes)
+
+    @property
+    def rate(self) -> float:
+        """Share of validations (after the first) that were seesaw events; ``nan`` before the second."""
+        return self.events / len(self.changes) if self.changes else math.nan
+
+    def series(self, task: str) -> list[float]:
+        """The task's value at each validation, ``nan`` where it was missing."""
+        return [v.get(task, math.nan) for v in self.values]
+
+    def state_dict(self) -> dict:
+        """Plain lists and dicts (checkpoints load with ``weights_only=True``)."""
+        changes = [[c.step, c.delta, list(c.improving), list(c.degrading)] for c in self.changes]
+        return {"steps": list(self.steps), "values": [dict(v) for v in self.values], "changes": changes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.values = list(state["steps"]), [dict(v) for v in state["values"]]
+        self.changes = [SeesawStep(s, dict(d), tuple(i), tuple(g)) for s, d, i, g in state["changes"]]
+
+
+class SeesawMonitor(Callback):
+    """Per-task change at every validation during ``fit``, seesaw events, their rate, and the curves.
+
+    Logs at each validation (step = ``global_step``): ``seesaw/<task>/delta`` and
+    ``seesaw/<task>/delta_loss`` (change since the last validation), ``seesaw/improving`` and
+    ``seesaw/degrading`` (task counts), ``seesaw/event`` (0 or 1), ``seesaw/events`` and
+    ``seesaw/rate``; and the artifact ``diagnostics/task_metrics.png``.
+
+    Args:
+        enabled: turn the callback off.
+        signal: decide improving/degrading on each task's ``metric`` (its ``val/<task>/<metric>``) or its ``loss``.
+        margin: a task counts as improving or degrading only when it moves by more than this
+            (in the signal's units: metrics are in [0, 1]).
+        plot: log ``diagnostics/task_metrics.png``, refreshed at each validation.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        signal: Literal["metric", "loss"] = "metric",
+        margin: float = 0.01,
+        plot: bool = True,
+    ):
+        if signal not in ("metric", "loss"):
+            raise ValueError(f"seesaw.signal must be 'metric' or 'loss', got {signal!r}")
+        self.enabled, self.signal, self.margin, self.plot = enabled, signal, margin, plot
+        # both are tracked (each one's deltas are logged, both are plotted); `signal` picks the one that decides
+        self.metric_history: SeesawTracker | None = None
+        self.loss_history: SeesawTracker | None = None
+        self.stopwatch = Stopwatch()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        tasks = tuple(pl_module.layout.tasks)
+        metrics = dict(zip(tasks, getattr(pl_module, "task_metrics", ["accuracy"] * len(tasks)), strict=True))
+        self.metric_history = SeesawTracker(metrics, self.margin)
+        self.loss_history = SeesawTracker(dict.fromkeys(tasks, "loss"), self.margin)
+
+    # the histories travel in checkpoints, so a resumed run's deltas and rate continue where they were
+    # (Lightning restores callback states after `setup`)
+    def state_dict(self) -> dict:
+        if self.metric_history is None:
+            return {}
+        return {"metric": self.metric_history.state_dict(), "loss": self.loss_history.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict and self.metric_history is not None:
+            self.metric_history.load_state_dict(state_dict["metric"])
+            self.loss_history.load_state_dict(state_dict["loss"])
+
+    @property
+    def tracker(self) -> SeesawTracker | None:
+        """The history that decides events (``signal``)."""
+        return self.metric_history if self.signal == "metric" else self.loss_history
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        with self.stopwatch():
+            self._record(trainer)
+
+    def _record(self, trainer: Trainer) -> None:
+        cm = trainer.callback_metrics
+        names = self.metric_history.metric_names
+
+        def read(key: str) -> float | None:
+            v = cm.get(key)
+            return None if v is None else float(v)
+
+        step = trainer.global_step
+        m_change = self.metric_history.update(step, {t: read(f"val/{t}/{m}") for t, m in names.items()})
+        l_change = self.loss_history.update(step, {t: read(f"val/{t}/loss") for t in names})
+        change = m_change if self.signal == "metric" else l_change
+        if change is not None:
+            out = {f"seesaw/{t}/delta": d for t, d in m_change.delta.items()}
+            out |= {f"seesaw/{t}/delta_loss": d for t, d in l_change.delta.items()}
+            out |= {
+                "seesaw/improving": float(len(change.improving)),
+                "seesaw/degrading": float(len(change.degrading)),
+                "seesaw/event": float(change.event),
+                "seesaw/events": float(self.tracker.events),
+                "seesaw/rate": self.tracker.rate,
+            }
+            log_metrics(trainer, out, step)
+        if self.plot and trainer.is_global_zero and trainer.loggers:
+            self._plot(trainer)
+
+    def _plot(self, trainer: Trainer) -> None:
+        from cgc_lightning.callbacks.plots import task_curves
+
+        names = dict(self.metric_history.metric_names)
+        steps = list(self.metric_history.steps)
+        metrics = {t: self.metric_history.series(t) for t in names}
+        losses = {t: self.loss_history.series(t) for t in names}
+        events = [c.step for c in self.tracker.changes if c.event]
+        log_figure(trainer, lambda: task_curves(steps, metrics, losses, names, events), "diagnostics/task_metrics.png")

@@ -1,0 +1,545 @@
+r"""Train the same tasks, data split and seed with several methods and report transfer against a reference.
+
+    python -m cgc_lightning compare --config experiments/compare/exp.yaml
+    python -m cgc_lightning compare --from-runs --experiment <name> --parent <parent run id>
+
+Each method is one MLflow child run (``fit``, then ``test`` of its best checkpoint, in a fresh process)
+nested under one parent run, all with the same metric names, so MLflow's "compare runs" draws every
+method's per-task curves on one chart. On the parent go ``comparison.csv``, ``comparison.md`` and
+``delta_m.png``, and the metrics ``delta_m/<method>``, ``negative_transfer/<method>`` and
+``rel/<method>/<task>``. With s_t = -1 for a lower-is-better metric (``metrics.LOWER_IS_BETTER``), +1 otherwise:
+
+    rel_{m,t} = s_t (M_{m,t} - M_{ref,t}) / |M_{ref,t}|     (M_{ref,t} = 0: s_t (M_{m,t} - M_{ref,t}), flagged)
+    Δm_m      = mean_t rel_{m,t}                            (reported in percent)
+    negative transfer of m = #{t : rel_{m,t} < 0}
+
+The compare config (YAML)::
+
+    base: experiments/exp.yaml      # an experiment config (path, relative to the working directory), or inline
+    methods:                        # method names, or {name: ..., <adapter field>: ...} for variants
+      - cgc_lora
+      - independent_lora
+      - {name: cgc_token_gate, method: cgc_lora, gate_input: token}
+    reference: independent_lora     # a name from methods
+    experiment_name: my-compare     # MLflow experiment; default: the base config's
+    metric: primary                 # each task's own metric, or `loss` (lower is better)
+    overrides: {trainer: {max_steps: 100}}   # merged into the base for every method
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from cgc_lightning.config import AdapterConfig
+from cgc_lightning.metrics import LOWER_IS_BETTER
+
+MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger", "lightning.pytorch.loggers.MLFlowLogger")
+PARENT_TAG, METHOD_TAG, ROLE_TAG = "compare.parent", "compare.method", "compare.role"
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: one base experiment, the methods to train on it, and the reference."""
+
+    base: str | dict
+    """An experiment config (same format as ``experiments/*.yaml``): a path, or the config inline."""
+    methods: list[str | dict]
+    """Method names, or dicts ``{name: <run name>, <AdapterConfig field>: value, ...}`` of adapter overrides."""
+    reference: str = "independent_lora"
+    """The method (a name from ``methods``) every relative change is measured against."""
+    experiment_name: str | None = None
+    """MLflow experiment for the parent and child runs; default: the base config's logger's."""
+    metric: Literal["primary", "loss"] = "primary"
+    """Compare each task's own metric (``test/<task>/<metric>``) or its loss (``test/<task>/loss``)."""
+    overrides: dict = field(default_factory=dict)
+    """Merged into the base config for every method (e.g. ``{trainer: {max_steps: 100}}``)."""
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("compare config: `methods` is empty; list at least two methods")
+        names = [m if isinstance(m, str) else m.get("name", m.get("method")) for m in self.methods]
+        if None in names:
+            raise ValueError(f"compare config: a method dict needs `name` or `method`: {self.methods}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"compare config: method names must be unique; repeated: {repeated} (give `name:`)")
+        if self.reference not in names:
+            raise ValueError(f"compare config: reference {self.reference!r} is not among the methods {names}")
+        if self.metric not in ("primary", "loss"):
+            raise ValueError(f"compare config: metric must be 'primary' or 'loss', got {self.metric!r}")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str | Path) -> tuple[CompareConfig, dict]:
+    """Read a compare config; return it and its base experiment config (as a dict, overrides merged in)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(CompareConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; a compare config has {sorted(known)}")
+    cfg = CompareConfig(**raw)
+    if isinstance(cfg.base, dict):
+        base = cfg.base
+    else:
+        candidates = [Path(cfg.base), path.parent / cfg.base]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path}: base config {cfg.base!r} not found (looked at {[str(p) for p in candidates]})"
+            )
+        base = yaml.safe_load(found.read_text()) or {}
+    return cfg, _deep_merge(base, cfg.overrides)
+
+
+def _section(config: dict, key: str) -> dict:
+    """``config[key]``, or its ``init_args`` when it is written as ``class_path``/``init_args``."""
+    value = config.setdefault(key, {}) or {}
+    config[key] = value
+    return value.setdefault("init_args", {}) if "class_path" in value else value
+
+
+def method_adapters(cfg: CompareConfig, base: dict) -> dict[str, dict]:
+    """``{method name: full adapter config}``, each checked against :class:`AdapterConfig` before anything runs."""
+    base_adapter = dict(_section(copy.deepcopy(base), "model").get("adapter") or {})
+    out = {}
+    for m in cfg.methods:
+        spec = {"method": m} if isinstance(m, str) else {k: v for k, v in m.items() if k != "name"}
+        name = m if isinstance(m, str) else m.get("name", m.get("method"))
+        adapter = {**base_adapter, **spec}
+        try:
+            AdapterConfig(**adapter)
+        except TypeError as e:
+            valid = [f.name for f in fields(AdapterConfig)]
+            raise ValueError(f"compare config, method {name!r}: {e}; adapter fields are {valid}") from None
+        except ValueError as e:
+            raise ValueError(f"compare config, method {name!r}: {e}") from None
+        out[name] = adapter
+    return out
+
+
+def child_config(base: dict, adapter: dict, *, name: str, experiment: str, tracking_uri: str, parent: str) -> dict:
+    """The base experiment with this method's adapter, logging into a child run of ``parent``."""
+    config = copy.deepcopy(base)
+    _section(config, "model")["adapter"] = adapter
+    trainer = config.setdefault("trainer", {})
+    logger = trainer.get("logger")
+    if isinstance(logger, dict) and logger.get("class_path", MLFLOW_LOGGERS[0]) not in MLFLOW_LOGGERS:
+        raise ValueError(f"compare needs an MLflow logger; the base config's trainer.logger is {logger['class_path']}")
+    init = dict((logger or {}).get("init_args", {}) if isinstance(logger, dict) else {})
+    tags = {**(init.get("tags") or {}), "mlflow.parentRunId": parent, PARENT_TAG: parent, METHOD_TAG: name}
+    init.update(experiment_name=experiment, run_name=name, tracking_uri=tracking_uri, tags=tags)
+    init.pop("run_id", None)
+    trainer["logger"] = {"class_path": MLFLOW_LOGGERS[0], "init_args": init}
+    return config
+
+
+def fit_and_test(config_path: str | Path) -> str:
+    """``fit`` then ``test`` of the best checkpoint, in this process; returns the MLflow run id."""
+    from cgc_lightning.cli import main
+    from cgc_lightning.tracking import mlflow_logger
+
+    fit = main(["fit", "--config", str(config_path)])
+    # the checkpoint callback that monitors a metric (others may only save `last.ckpt` for resuming)
+    monitored = [c for c in fit.trainer.checkpoint_callbacks if c.monitor and c.best_model_path]
+    best = monitored[0].best_model_path if monitored else ""
+    if not best:
+        raise RuntimeError(f"{config_path}: fit saved no checkpoint to test; does validation run before max_steps?")
+    run_id = mlflow_logger(fit.trainer).run_id
+    main(["test", "--config", str(config_path), "--ckpt_path", best, f"--trainer.logger.init_args.run_id={run_id}"])
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class Report:
+    """Per-task values of each method, their change against the reference, and the summary."""
+
+    tasks: list[str]
+    metric_names: dict[str, str]
+    methods: list[str]
+    reference: str
+    values: dict[str, dict[str, float]]
+    """``{method: {task: value}}``."""
+    relative: dict[str, dict[str, float]]
+    """``{method: {task: rel}}`` as a fraction (sign-corrected: > 0 is better than the reference)."""
+    reference_zero: list[str]
+    """Tasks where the reference scored 0: their ``rel`` is the (sign-corrected) absolute difference."""
+    delta_m: dict[str, float]
+    """``{method: Δm}`` as a fraction."""
+    negative_transfer: dict[str, int]
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def others(self) -> list[str]:
+        return [m for m in self.methods if m != self.reference]
+
+
+def build_report(
+    values: dict[str, dict[str, float]],
+    metric_names: dict[str, str],
+    reference: str,
+    lower_is_better=LOWER_IS_BETTER,
+    run_ids: dict[str, str] | None = None,
+) -> Report:
+    """Relative changes, Δm and negative-transfer counts from ``{method: {task: value}}`` (see the module docstring)."""
+    if reference not in values:
+        raise ValueError(f"no run of the reference method {reference!r}; methods found: {sorted(values)}")
+    tasks = list(metric_names)
+    for m, vals in values.items():
+        missing = [t for t in tasks if t not in vals or vals[t] is None or math.isnan(vals[t])]
+        if missing:
+            where = f" (run {run_ids[m]})" if run_ids and m in run_ids else ""
+            raise ValueError(f"method {m!r}{where} has no value for task(s) {missing}")
+    ref = values[reference]
+    zero = [t for t in tasks if ref[t] == 0]
+    relative = {}
+    for m, vals in values.items():
+        relative[m] = {}
+        for t in tasks:
+            sign = -1.0 if metric_names[t] in lower_is_better else 1.0
+            diff = sign * (vals[t] - ref[t])
+            relative[m][t] = diff if ref[t] == 0 else diff / abs(ref[t])
+    delta_m = {m: sum(r.values()) / len(tasks) for m, r in relative.items()}
+    negative = {m: sum(v < 0 for v in r.values()) for m, r in relative.items()}
+    return Report(
+        tasks=tasks,
+        metric_names=dict(metric_names),
+        methods=list(values),
+        reference=reference,
+        values=values,
+        relative=relative,
+        reference_zero=zero,
+        delta_m=delta_m,
+        negative_transfer=negative,
+        run_ids=dict(run_ids or {}),
+    )
+
+
+def _rel(report: Report, m: str, t: str) -> str:
+    v = report.relative[m][t]
+    return f"{v:+.4f}†" if t in report.reference_zero else f"{100 * v:+.2f}%"
+
+
+def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the printed and markdown tables."""
+    header = ["task", "metric", *report.methods, *[f"Δ {m}" for m in report.others]]
+    rows = [
+        [
+            t,
+            report.metric_names[t],
+            *[f"{report.values[m][t]:.4f}" for m in report.methods],
+            *[_rel(report, m, t) for m in report.others],
+        ]
+        for t in report.tasks
+    ]
+    blank = [""] * (1 + len(report.methods))
+    rows.append(["Δm (mean Δ)", *blank, *[f"{100 * report.delta_m[m]:+.2f}%" for m in report.others]])
+    n = len(report.tasks)
+    rows.append(["negative transfer", *blank, *[f"{report.negative_transfer[m]} of {n}" for m in report.others]])
+    return header, rows
+
+
+def _notes(report: Report, stage: str) -> list[str]:
+    notes = [f"{stage} metrics; Δ: change relative to {report.reference} (sign-corrected: + is better)"]
+    if report.reference_zero:
+        notes.append(
+            f"† {report.reference} scored 0 on {', '.join(report.reference_zero)}: Δ there is the absolute "
+            "difference, and Δm counts it as that fraction"
+        )
+    return notes
+
+
+def format_table(report: Report, stage: str = "test") -> str:
+    header, rows = table_rows(report)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+    )
+    out = [line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows[:-2]]]
+    out += ["  ".join("-" * w for w in widths), *[line(r) for r in rows[-2:]]]
+    return "\n".join([*out, *_notes(report, stage)])
+
+
+def format_markdown(report: Report, stage: str = "test") -> str:
+    header, rows = table_rows(report)
+    md = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    runs = [f"- {m}: run `{report.run_ids[m]}`" for m in report.methods if m in report.run_ids]
+    return "\n".join([*md, "", *_notes(report, stage), "", *runs]) + "\n"
+
+
+def format_csv(report: Report) -> str:
+    """Wide CSV: one row per task (values, and relative changes in percent), then Δm and negative transfer."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "metric", "reference_zero", *report.methods, *[f"rel_pct_{m}" for m in report.others]])
+    for t in report.tasks:
+        w.writerow(
+            [
+                t,
+                report.metric_names[t],
+                int(t in report.reference_zero),
+                *[repr(report.values[m][t]) for m in report.methods],
+                *[repr(100 * report.relative[m][t]) for m in report.others],
+            ]
+        )
+    blank = [""] * len(report.methods)
+    w.writerow(["delta_m", "", "", *blank, *[repr(100 * report.delta_m[m]) for m in report.others]])
+    w.writerow(["negative_transfer", "", "", *blank, *[report.negative_transfer[m] for m in report.others]])
+    return buf.getvalue()
+
+
+def delta_m_figure(report: Report):
+    from cgc_lightning.callbacks.plots import grouped_bars
+
+    groups = [*report.tasks, "Δm"]
+    series = {m: [100 * report.relative[m][t] for t in report.tasks] + [100 * report.delta_m[m]] for m in report.others}
+    return grouped_bars(
+        groups,
+        series,
+        f"change against {report.reference} per task, and Δm\n(hatched: the reference scored 0; absolute x 100)",
+        "Δ (%)",
+        hatched=report.reference_zero,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def read_runs(runs, stage: str = "test", metric: str = "primary") -> tuple[dict, dict, dict]:
+    """``values {method: {task: value}}``, ``metric_names {task: name}`` and ``run_ids`` from MLflow runs.
+
+    A run's method is its ``compare.method`` tag, else its ``method`` tag; with several runs of one
+    method, the latest is used (``runs`` as MLflow returns them: newest first).
+    """
+    values, metric_names, run_ids = {}, {}, {}
+    for run in runs:
+        tags = run.data.tags
+        method = tags.get(METHOD_TAG) or tags.get("method") or run.data.params.get("method")
+        if method is None or method in values:
+            if method in values:
+                print(f"compare: ignoring older run {run.info.run_id} of {method} (using {run_ids[method]})")
+            continue
+        metrics = run.data.metrics
+        tasks = [t for t in tags.get("tasks", "").split(",") if t] or sorted(
+            {k.split("/")[1] for k in metrics if k.startswith(f"{stage}/") and k.count("/") == 2} - {"avg"}
+        )
+        vals = {}
+        for t in tasks:
+            names = [k.split("/")[2] for k in metrics if k.startswith(f"{stage}/{t}/")]
+            name = "loss" if metric == "loss" else next((n for n in names if n != "loss"), None)
+            if name is None or f"{stage}/{t}/{name}" not in metrics:
+                raise ValueError(f"run {run.info.run_id} ({method}) logged no {stage}/{t}/<metric>; did `test` run?")
+            if metric_names.setdefault(t, name) != name:
+                raise ValueError(f"task {t!r} is scored with {metric_names[t]!r} in one run and {name!r} in another")
+            vals[t] = metrics[f"{stage}/{t}/{name}"]
+        if set(vals) != set(metric_names) and values:
+            raise ValueError(
+                f"run {run.info.run_id} ({method}) has tasks {sorted(vals)}, others {sorted(metric_names)}"
+            )
+        values[method], run_ids[method] = vals, run.info.run_id
+    return values, metric_names, run_ids
+
+
+def write_files(report: Report, stage: str, out_dir: Path) -> Path:
+    """``comparison.csv``, ``comparison.md`` and ``delta_m.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.csv").write_text(format_csv(report))
+    (out_dir / "comparison.md").write_text(format_markdown(report, stage))
+    delta_m_figure(report).savefig(out_dir / "delta_m.png")
+    return out_dir
+
+
+def log_report(client, run_id: str, report: Report, stage: str, out_dir: Path | None = None) -> None:
+    """Write the report's files and metrics onto the MLflow run ``run_id`` (and keep the files in ``out_dir``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_files(report, stage, out_dir or Path(tmp))
+        for name in ("comparison.csv", "comparison.md", "delta_m.png"):
+            client.log_artifact(run_id, str(files / name))
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for m in report.methods:
+        metrics += [Metric(f"value/{m}/{t}", report.values[m][t], now, 0) for t in report.tasks]
+    for m in report.others:
+        metrics.append(Metric(f"delta_m/{m}", 100 * report.delta_m[m], now, 0))
+        metrics.append(Metric(f"negative_transfer/{m}", float(report.negative_transfer[m]), now, 0))
+        metrics += [Metric(f"rel/{m}/{t}", 100 * report.relative[m][t], now, 0) for t in report.tasks]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def train(
+    cfg: CompareConfig,
+    base: dict,
+    config_path: Path,
+    *,
+    tracking_uri: str | None,
+    in_process: bool,
+    out_dir: Path | None,
+) -> Report:
+    """Train every method as a child run of a new parent run, then report on the parent."""
+    from cgc_lightning.tracking import MLflowLogger, default_tracking_uri
+
+    adapters = method_adapters(cfg, base)
+    logger = (base.get("trainer") or {}).get("logger")
+    init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    tracking_uri = tracking_uri or init.get("tracking_uri") or default_tracking_uri()
+    experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
+    parent = MLflowLogger(
+        experiment_name=experiment,
+        run_name=f"compare:{config_path.stem}",
+        tracking_uri=tracking_uri,
+        tags={
+            ROLE_TAG: "parent",
+            "compare.reference": cfg.reference,
+            "compare.methods": ",".join(adapters),
+            "compare.metric": cfg.metric,
+        },
+    )
+    client, parent_id = parent.experiment, parent.run_id
+    client.log_text(parent_id, yaml.safe_dump(copy.deepcopy(cfg.__dict__), sort_keys=False), "compare_config.yaml")
+    print(f"compare: parent run {parent_id} in experiment {experiment!r} ({tracking_uri})")
+    # each method's config and log stay beside the checkpoints, the logs also on the parent run
+    work = Path((base.get("trainer") or {}).get("default_root_dir") or "outputs") / "compare" / parent_id
+    work.mkdir(parents=True, exist_ok=True)
+    status = "FAILED"
+    try:
+        for i, (name, adapter) in enumerate(adapters.items(), 1):
+            print(f"[{i}/{len(adapters)}] {name} ...", flush=True)
+            start = time.perf_counter()
+            path = work / f"{name}.yaml"
+            config = child_config(
+                base, adapter, name=name, experiment=experiment, tracking_uri=tracking_uri, parent=parent_id
+            )
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            if in_process:
+                fit_and_test(path)
+            else:
+                log = work / f"{name}.log"
+                with open(log, "w") as fh:
+                    proc = subprocess.run(
+                        [sys.executable, "-m", "cgc_lightning", "compare", "--child", str(path)],
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                    )
+                client.log_artifact(parent_id, str(log), "logs")
+                if proc.returncode:
+                    tail = "\n".join(log.read_text().splitlines()[-30:])
+                    raise RuntimeError(f"method {name!r} failed (exit {proc.returncode}); end of its log:\n{tail}")
+            print(f"[{i}/{len(adapters)}] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+        runs = client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
+        )
+        report = report_from_runs(runs, cfg.reference, "test", cfg.metric, order=list(adapters))
+        log_report(client, parent_id, report, "test", out_dir)
+        print(format_table(report, "test"))
+        status = "FINISHED"
+        return report
+    finally:
+        client.set_terminated(parent_id, status)
+
+
+def report_from_runs(runs, reference: str, stage: str, metric: str, order: list[str] | None = None) -> Report:
+    """The report of MLflow ``runs``, methods in ``order`` (default: the reference, then by name)."""
+    values, metric_names, run_ids = read_runs(runs, stage, metric)
+    order = order or [reference, *sorted(m for m in values if m != reference)]
+    values = {m: values[m] for m in [*[m for m in order if m in values], *[m for m in values if m not in order]]}
+    return build_report(values, metric_names, reference, LOWER_IS_BETTER, run_ids)
+
+
+def from_runs(args, cfg: CompareConfig | None) -> Report:
+    """Build the report from runs that already exist: a parent's children, or any runs matching a filter."""
+    from mlflow import MlflowClient
+
+    from cgc_lightning.tracking import default_tracking_uri
+
+    client = MlflowClient(args.tracking_uri or default_tracking_uri())
+    name = args.experiment or (cfg.experiment_name if cfg else None)
+    exp = client.get_experiment_by_name(name) if name else None
+    if exp is None:
+        raise ValueError(f"compare --from-runs: no MLflow experiment {name!r}; pass --experiment")
+    reference = args.reference or (cfg.reference if cfg else "independent_lora")
+    metric = args.metric or (cfg.metric if cfg else "primary")
+    parent = args.parent
+    if parent is None and not args.filter:  # the latest comparison in the experiment
+        parents = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
+        if not parents:
+            raise ValueError(f"compare --from-runs: no comparison in experiment {name!r}; pass --parent or --filter")
+        parent = parents[0].info.run_id
+    filters = [f for f in (args.filter, f"tags.`{PARENT_TAG}` = '{parent}'" if parent else None) if f]
+    runs = client.search_runs([exp.experiment_id], " and ".join(filters), order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ValueError(f"compare --from-runs: no run in {name!r} matches {' and '.join(filters)!r}")
+    order = [m if isinstance(m, str) else m.get("name", m.get("method")) for m in cfg.methods] if cfg else None
+    report = report_from_runs(runs, reference, args.stage, metric, order)
+    out = Path(args.out) if args.out else None
+    print(format_table(report, args.stage))
+    if args.no_log:
+        if out is not None:
+            write_files(report, args.stage, out)
+        return report
+    target = parent
+    if target is None:  # runs picked by a filter: the report gets a run of its own
+        tags = {ROLE_TAG: "report", "compare.runs": ",".join(report.run_ids.values())}
+        target = client.create_run(exp.experiment_id, run_name="compare-report", tags=tags).info.run_id
+        client.set_terminated(target)
+    log_report(client, target, report, args.stage, out)
+    print(f"compare: report logged to run {target}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> Report | None:
+    p = argparse.ArgumentParser(prog="python -m cgc_lightning compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="compare config (YAML); see `cgc_lightning/compare.py`")
+    p.add_argument("--from-runs", action="store_true", help="build the report from existing runs, no training")
+    p.add_argument("--experiment", help="--from-runs: MLflow experiment name")
+    p.add_argument("--parent", help="--from-runs: the parent run whose children to compare")
+    p.add_argument("--filter", help="--from-runs: MLflow search filter, e.g. \"tags.seed = '7'\"")
+    p.add_argument("--reference", help="--from-runs: reference method (default: the config's, or independent_lora)")
+    p.add_argument("--metric", choices=["primary", "loss"], help="--from-runs: each task's metric, or its loss")
+    p.add_argument("--stage", default="test", choices=["test", "val"], help="--from-runs: which logged metrics")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the project store)")
+    p.add_argument("--in-process", action="store_true", help="train the methods in this process, one after another")
+    p.add_argument("--out", help="also write comparison.csv, comparison.md and delta_m.png here")
+    p.add_argument("--no-log", action="store_true", help="--from-runs: print (and --out) only, log nothing to MLflow")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: fit + test one method's config
+    args = p.parse_args(argv)
+    if args.child:
+        fit_and_test(args.child)
+        return None
+    cfg, base = load_config(args.config) if args.config else (None, None)
+    if args.from_runs:
+        return from_runs(args, cfg)
+    if cfg is None:
+        p.error("give --config (to train and compare) or --from-runs")
+    return train(
+        cfg,
+        base,
+        Path(args.config),
+        tracking_uri=args.tracking_uri,
+        in_process=args.in_process,
+        out_dir=Path(args.out) if args.out else None,
+    )
