@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
 
 DEFAULT_STORE = "mlruns"
 DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
@@ -29,6 +32,50 @@ DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+LOCKED_RETRIES = 8
+
+
+def retry_when_locked(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, tried again (with backoff) while a SQLite store says "database is locked".
+
+    MLflow's SQLite store already waits up to 20 s for the lock (``PRAGMA busy_timeout``); this covers
+    the rarer case of a writer starved for longer, e.g. many grid points logging to one file at once.
+    A failed write was rolled back as a whole, so trying it again cannot log anything twice.
+    """
+    for attempt in range(LOCKED_RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == LOCKED_RETRIES - 1 or "database is locked" not in str(e):
+                raise
+            time.sleep(min(0.1 * 2**attempt, 5.0) * (1 + random.random()))
+
+
+class LockRetryingClient(MlflowClient):
+    """An ``MlflowClient`` whose run writes go through :func:`retry_when_locked`."""
+
+    def create_run(self, *args, **kwargs):
+        return retry_when_locked(super().create_run, *args, **kwargs)
+
+    def update_run(self, *args, **kwargs):
+        return retry_when_locked(super().update_run, *args, **kwargs)
+
+    def set_terminated(self, *args, **kwargs):
+        return retry_when_locked(super().set_terminated, *args, **kwargs)
+
+    def log_batch(self, *args, **kwargs):
+        return retry_when_locked(super().log_batch, *args, **kwargs)
+
+    def log_metric(self, *args, **kwargs):
+        return retry_when_locked(super().log_metric, *args, **kwargs)
+
+    def log_param(self, *args, **kwargs):
+        return retry_when_locked(super().log_param, *args, **kwargs)
+
+    def set_tag(self, *args, **kwargs):
+        return retry_when_locked(super().set_tag, *args, **kwargs)
 
 
 class MLflowLogger(MLFlowLogger):
@@ -71,6 +118,7 @@ class MLflowLogger(MLFlowLogger):
             log_model=False,
         )
         self.checkpoint_dir = checkpoint_dir
+        self._mlflow_client = LockRetryingClient(tracking_uri)  # many processes may share one SQLite store
         self.resume = resume
         self._logged_until: dict[str, int] = {}  # resumed run: last step already in the store, per metric
 
@@ -88,7 +136,7 @@ class MLflowLogger(MLFlowLogger):
 
     def _last_logged_step(self, key: str) -> int:
         if key not in self._logged_until:
-            history = self.experiment.get_metric_history(self.run_id, key)
+            history = self.experiment.get_metric_history(self.run_id, key.replace("@", "/"))
             self._logged_until[key] = max((m.step for m in history), default=-1)
         return self._logged_until[key]
 

@@ -1,0 +1,904 @@
+r"""Ablation grids: one config expands to many runs, each an MLflow child run of one parent; resumable, parallel.
+
+    python -m cgc_lightning grid --config experiments/grids/cgc_structure.yaml --dry-run   # list the points
+    python -m cgc_lightning grid --config experiments/grids/cgc_structure.yaml --jobs 4    # run what is not done
+    python -m cgc_lightning grid --config experiments/grids/cgc_structure.yaml --summary   # the table, no training
+    python -m cgc_lightning grid --config experiments/grids/cgc_structure.yaml --emit slurm > grid.sbatch
+
+A grid config (YAML; keys are dotted experiment-config keys, see ``docs/grids.md``)::
+
+    base: experiments/exp.yaml                 # every point starts from this experiment config
+    overrides: {trainer.max_steps: 100}        # set for every point
+    axes:                                      # the product of these; values as a list, or {display name: value}
+      model.adapter.r: [4, 8]
+      seed_everything: [1, 2, 3]
+    zip:                                       # each entry is one more axis whose keys move together, written as
+      - {model.adapter.num_shared: [2, 0], model.adapter.num_specific: [0, 2]}          # equal-length columns
+      - [{model.adapter.method: independent_lora}, {model.adapter.method: cgc_lora}]    # or rows
+    exclude:                                   # drop the points that match every key of an entry
+      - {model.adapter.r: 4, model.adapter.num_shared: 0}
+    reference: {model.adapter.method: independent_lora}    # the Δm baseline, matched per seed
+
+A point's identity (tag ``grid.point_id``) is a hash of its resolved config: the base with the point's
+overrides applied. Reordering axes, adding values or editing comments keeps it; changing what a point
+trains changes it. A point is finished when its child run is FINISHED and has every task's test metric;
+re-running a grid skips those, resumes an interrupted point from its ``last.ckpt`` in the same run, and
+starts the others afresh. Every point runs as ``grid --point <id>`` in its own process: ``--jobs N`` runs
+N of them here, ``--emit`` writes them out for a cluster scheduler.
+
+``data.clusters`` may be given as ``{cluster: [task, ...]}``: the point then also moves each task of
+``data.tasks`` to its cluster (the cluster-count ablation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import inspect
+import io
+import itertools
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHOD_KEY = "model.adapter.method"
+ROLE_TAG, NAME_TAG, POINT_TAG, STAGE_TAG, OWNER_TAG = (
+    "grid.role",
+    "grid.name",
+    "grid.point_id",
+    "grid.stage",
+    "grid.owner",
+)
+PARENT_TAG = "mlflow.parentRunId"
+MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger",)
+
+
+@dataclass
+class GridConfig:
+    """A grid: one base experiment and the axes along which its points differ."""
+
+    base: str
+    """The experiment config every point starts from: a path, relative to the working directory or this file."""
+    axes: dict[str, list | dict] = field(default_factory=dict)
+    """``{dotted key: [values]}`` or ``{dotted key: {display name: value}}``; the grid is their product."""
+    zip: list[dict | list] = field(default_factory=list)
+    """Axes whose keys move together: ``{key: [values], ...}`` (equal lengths) or ``[{key: value, ...}, ...]``."""
+    exclude: list[dict] = field(default_factory=list)
+    """Points matching every ``key: value`` of an entry are dropped (a value may be an axis value's display name)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """``{dotted key: value}`` set for every point (part of each point's identity)."""
+    reference: dict[str, Any] | None = field(default_factory=lambda: {METHOD_KEY: "independent_lora"})
+    """Resolved-config values that pick the Δm baseline points; ``null`` for no Δm."""
+    seed_key: str = "seed_everything"
+    """The config key whose values are seeds: the summary averages over it and matches baselines on it."""
+    name: str | None = None
+    """Grid name (tag ``grid.name`` of the parent run); default: the config file's stem."""
+    experiment_name: str | None = None
+    """MLflow experiment of the parent and child runs; default: the base config's logger's."""
+
+    def __post_init__(self):
+        for what, value, kind in [
+            ("axes", self.axes, dict),
+            ("zip", self.zip, list),
+            ("exclude", self.exclude, list),
+            ("overrides", self.overrides, dict),
+        ]:
+            if not isinstance(value, kind):
+                raise ValueError(f"grid config: `{what}` must be a {kind.__name__}, got {type(value).__name__}")
+        for key, values in self.axes.items():
+            if not isinstance(values, (list, dict)) or not values:
+                raise ValueError(
+                    f"grid config: axis {key!r} needs a non-empty list (or {{name: value}}), got {values!r}"
+                )
+        for i, entry in enumerate(self.zip):
+            if isinstance(entry, dict):
+                lengths = {k: len(v) if isinstance(v, list) else None for k, v in entry.items()}
+                if None in lengths.values() or len(set(lengths.values())) != 1 or not entry:
+                    raise ValueError(f"grid config: zip[{i}] needs lists of one length per key, got lengths {lengths}")
+            elif not isinstance(entry, list) or not entry or not all(isinstance(r, dict) for r in entry):
+                raise ValueError(f"grid config: zip[{i}] must be {{key: [values]}} or a list of {{key: value}} rows")
+        seen: dict[str, str] = {}
+        for where, keys in [("axes", list(self.axes))] + [(f"zip[{i}]", _zip_keys(e)) for i, e in enumerate(self.zip)]:
+            for k in keys:
+                if k in seen and seen[k] != where:
+                    raise ValueError(f"grid config: key {k!r} is in both {seen[k]} and {where}; a key is one axis")
+                seen[k] = where
+        axis_keys = set(seen)
+        for i, entry in enumerate(self.exclude):
+            unknown = sorted(set(entry) - axis_keys) if isinstance(entry, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(f"grid config: exclude[{i}] may only name axis keys {sorted(axis_keys)}; got {entry}")
+
+
+def _zip_keys(entry: dict | list) -> list[str]:
+    return list(entry) if isinstance(entry, dict) else list(dict.fromkeys(k for row in entry for k in row))
+
+
+def canonical(value: Any) -> str:
+    """A config as one string; ``16`` and ``16.0`` are the same value (the parser makes both a float)."""
+
+    def plain(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(plain(value), sort_keys=True, separators=(",", ":"), default=str)
+
+
+# ----------------------------------------------------------------------------------- config surgery
+
+
+def _step(node: Any, part: str, key: str, create: bool) -> Any:
+    """One level down ``key``: through ``init_args`` of a ``class_path`` section, or into a list by index."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise KeyError(f"{key!r}: {part!r} is not an index of a list of {len(node)}")
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise KeyError(f"{key!r}: cannot go into {part!r} of a {type(node).__name__}")
+    if "class_path" in node and part not in ("class_path", "init_args"):
+        node = node.setdefault("init_args", {})
+    if create and node.get(part) is None:
+        node[part] = {}
+    if part not in node:
+        raise KeyError(f"{key!r}: no {part!r} in the config")
+    return node[part]
+
+
+def get_key(config: dict, key: str, default: Any = None) -> Any:
+    node = config
+    try:
+        for part in key.split("."):
+            node = _step(node, part, key, create=False)
+    except KeyError:
+        return default
+    return node
+
+
+def set_key(config: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node = _step(node, part, key, create=True)
+    if isinstance(node, list):
+        _step(node, last, key, create=False)  # index check
+        node[int(last)] = copy.deepcopy(value)
+    elif isinstance(node, dict):
+        if "class_path" in node and last not in ("class_path", "init_args"):
+            node = node.setdefault("init_args", {})
+        node[last] = copy.deepcopy(value)
+    else:
+        raise KeyError(f"{key!r}: cannot go into {last!r} of a {type(node).__name__}")
+
+
+def _cli_keys(config: dict, key: str, value: Any) -> list[str]:
+    """The keys to pass on the command line for an override of ``key``: itself, or the list it indexes into."""
+    if key == "data.clusters" and isinstance(value, dict):
+        return ["data.clusters", "data.tasks"]
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        if isinstance(node, list):
+            return [".".join(parts[:i])]
+        node = _step(node, part, key, create=False)
+    return [key]
+
+
+def _assign_clusters(config: dict, clusters: dict) -> None:
+    """``data.clusters: {cluster: [tasks]}``: list the clusters and move each task of ``data.tasks`` to its own."""
+    owner = {}
+    for cluster, members in clusters.items():
+        for t in members or []:
+            if t in owner:
+                raise ValueError(f"data.clusters: task {t!r} is in both {owner[t]!r} and {cluster!r}")
+            owner[t] = cluster
+    tasks = get_key(config, "data.tasks") or []
+    names = [t.get("name") for t in tasks]
+    if sorted(owner) != sorted(names):
+        raise ValueError(
+            f"data.clusters {clusters} must place every task of data.tasks {names} exactly once "
+            f"(missing {sorted(set(names) - set(owner))}, unknown {sorted(set(owner) - set(names))})"
+        )
+    for t in tasks:
+        t["cluster"] = owner[t["name"]]
+    set_key(config, "data.clusters", list(clusters))
+
+
+def resolve(base: dict, overrides: dict[str, Any]) -> dict:
+    """The base config with ``overrides`` (``{dotted key: value}``) applied, in order."""
+    config = copy.deepcopy(base)
+    for key, value in overrides.items():
+        try:
+            if key == "data.clusters" and isinstance(value, dict):
+                _assign_clusters(config, value)
+            else:
+                set_key(config, key, value)
+        except KeyError as e:
+            raise ValueError(f"grid override {key}={value!r}: {e.args[0]}") from None
+    return config
+
+
+def _cli_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# -------------------------------------------------------------------------------------------- points
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its axis values, the overrides that make it, and its resolved config."""
+
+    id: str
+    values: dict[str, Any]
+    """``{axis key: value}`` of this point."""
+    names: dict[str, str]
+    """``{axis key: display name}`` of each value."""
+    overrides: dict[str, Any]
+    """The grid's overrides, then this point's axis values."""
+    config: dict
+    """The resolved experiment config."""
+
+    @property
+    def args(self) -> list[str]:
+        """``--key=value`` overrides for ``fit --config <base>``, read off the resolved config."""
+        keys = dict.fromkeys(k for key, v in self.overrides.items() for k in _cli_keys(self.config, key, v))
+        return [f"--{k}={_cli_value(get_key(self.config, k))}" for k in keys]
+
+    def label(self, short: dict[str, str] | None = None) -> str:
+        return " ".join(f"{(short or {}).get(k, k)}={v}" for k, v in self.names.items())
+
+
+def point_id(config: dict) -> str:
+    return hashlib.sha256(canonical(config).encode()).hexdigest()[:12]
+
+
+def _display(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_display(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_display(v) for v in value) + "]"
+    return str(value)
+
+
+def dimensions(cfg: GridConfig) -> list[list[tuple[dict, dict]]]:
+    """Each axis as a list of ``({key: value}, {key: display name})`` choices; the grid is their product."""
+    dims = []
+    for key, values in cfg.axes.items():
+        items = values.items() if isinstance(values, dict) else [(_display(v), v) for v in values]
+        dims.append([({key: v}, {key: str(name)}) for name, v in items])
+    for entry in cfg.zip:
+        rows = (
+            [dict(zip(entry, col, strict=True)) for col in zip(*entry.values(), strict=True)]
+            if isinstance(entry, dict)
+            else entry
+        )
+        dims.append([(dict(row), {k: _display(v) for k, v in row.items()}) for row in rows])
+    return dims
+
+
+def _excluded(values: dict, names: dict, rules: list[dict]) -> bool:
+    def match(k, v):
+        return k in values and (canonical(values[k]) == canonical(v) or names[k] == str(v))
+
+    return any(all(match(k, v) for k, v in rule.items()) for rule in rules)
+
+
+def expand(cfg: GridConfig, base: dict) -> tuple[list[Point], list[str]]:
+    """The grid's points in product order, and notes on what was dropped (exclusions, duplicate configs)."""
+    points, notes, seen = [], [], {}
+    excluded = 0
+    for combo in itertools.product(*dimensions(cfg)):
+        values = {k: v for vals, _ in combo for k, v in vals.items()}
+        names = {k: n for _, ns in combo for k, n in ns.items()}
+        if _excluded(values, names, cfg.exclude):
+            excluded += 1
+            continue
+        overrides = {**cfg.overrides, **values}
+        config = resolve(base, overrides)
+        pid = point_id(config)
+        if pid in seen:
+            notes.append(f"{Point(pid, values, names, overrides, config).label()} is the same config as {seen[pid]}")
+            continue
+        point = Point(pid, values, names, overrides, config)
+        seen[pid] = point.label()
+        points.append(point)
+    if excluded:
+        notes.insert(0, f"{excluded} point(s) excluded")
+    return points, notes
+
+
+def short_names(points: list[Point]) -> dict[str, str]:
+    """Each axis key by its last component, unless two axes share it."""
+    keys = list(dict.fromkeys(k for p in points for k in p.values))
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
+
+
+def load(path: str | Path) -> tuple[GridConfig, dict, str]:
+    """Read a grid config: the config, its base experiment config (a dict) and the base's path."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(GridConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; a grid config has {sorted(known)}")
+    if "base" not in raw:
+        raise ValueError(f"{path}: no `base`; name the experiment config every point starts from")
+    cfg = GridConfig(**raw)
+    cfg.name = cfg.name or path.stem
+    found = next((p for p in (Path(cfg.base), path.parent / cfg.base) if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path}: base config {cfg.base!r} not found (relative to the working dir or {path.parent})"
+        )
+    return cfg, yaml.safe_load(found.read_text()) or {}, str(found)
+
+
+# --------------------------------------------------------------------------------------------- store
+
+
+@dataclass
+class Store:
+    """Where a grid's runs go: the MLflow experiment, and where checkpoints of its runs are written."""
+
+    client: Any
+    tracking_uri: str
+    experiment_name: str
+    checkpoint_dir: str
+
+    @property
+    def experiment_id(self) -> str | None:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        return exp.experiment_id if exp is not None else None
+
+    def checkpoints(self, run) -> Path:
+        return Path(self.checkpoint_dir) / run.info.experiment_id / run.info.run_id / "checkpoints"
+
+
+def open_store(cfg: GridConfig, base: dict, tracking_uri: str | None) -> Store:
+    from cgc_lightning.tracking import LockRetryingClient, default_tracking_uri
+
+    config = resolve(base, cfg.overrides)
+    logger = get_key(config, "trainer.logger")
+    if logger is False or (
+        isinstance(logger, dict) and logger.get("class_path", MLFLOW_LOGGERS[0]) not in MLFLOW_LOGGERS
+    ):
+        raise ValueError(f"grid needs trainer.logger to be {MLFLOW_LOGGERS[0]}; the base config has {logger!r}")
+    init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    uri = tracking_uri or init.get("tracking_uri") or default_tracking_uri()
+    experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
+    return Store(LockRetryingClient(uri), uri, experiment, init.get("checkpoint_dir") or "outputs")
+
+
+def new_run(store: Store, run_name: str, tags: dict[str, str]) -> str:
+    """A new run (the experiment is created as ``fit`` would, artifacts under ``mlruns/artifacts`` by default)."""
+    from cgc_lightning.tracking import MLflowLogger
+
+    logger = MLflowLogger(
+        experiment_name=store.experiment_name, run_name=run_name, tracking_uri=store.tracking_uri, tags=tags
+    )
+    return logger.run_id
+
+
+def parent_run(store: Store, cfg: GridConfig, parent_id: str | None = None) -> str:
+    """The grid's parent run: ``parent_id``, else the newest run tagged with this grid's name, else a new one."""
+    if parent_id:
+        return store.client.get_run(parent_id).info.run_id
+    exp = store.experiment_id
+    if exp is not None:
+        found = store.client.search_runs(
+            [exp],
+            f"tags.`{ROLE_TAG}` = 'parent' and tags.`{NAME_TAG}` = '{cfg.name}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if found:
+            return found[0].info.run_id
+    return new_run(store, f"grid:{cfg.name}", {ROLE_TAG: "parent", NAME_TAG: cfg.name})
+
+
+def child_runs(store: Store, parent_id: str, point: str | None = None) -> dict[str, Any]:
+    """``{point id: newest active child run}`` of the parent (or of one point)."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_id}'" + (f" and tags.`{POINT_TAG}` = '{point}'" if point else "")
+    runs = store.client.search_runs(
+        [store.experiment_id], query, max_results=50000, order_by=["attributes.start_time DESC"]
+    )
+    out: dict[str, Any] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get(POINT_TAG), run)
+    return out
+
+
+def task_scores(run) -> tuple[dict[str, float], dict[str, str]] | None:
+    """``({task: test metric}, {task: metric name})`` of a run (tasks from its ``tasks`` tag), or None while one is
+    missing."""
+    values, names = {}, {}
+    for task in [t for t in run.data.tags.get("tasks", "").split(",") if t] or [None]:
+        found = sorted(k for k in run.data.metrics if k.startswith(f"test/{task}/") and not k.endswith("/loss"))
+        if task is None or not found:
+            return None
+        values[task], names[task] = run.data.metrics[found[0]], found[0].rsplit("/", 1)[1]
+    return values, names
+
+
+def finished(run) -> bool:
+    return run is not None and run.info.status == "FINISHED" and task_scores(run) is not None
+
+
+def _owner_alive(run) -> bool:
+    host, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
+    if run.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False  # on another host we cannot tell: a RUNNING run there counts as interrupted
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+# ------------------------------------------------------------------------------------- one point
+
+
+def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, parent_id: str) -> str:
+    """Bring one point to finished, in this process: ``fit`` (resumed from ``last.ckpt`` if any), then ``test``."""
+    from cgc_lightning import cli
+    from cgc_lightning.tracking import MLflowLogger
+
+    client = store.client
+    run = child_runs(store, parent_id, point.id).get(point.id)
+    if finished(run):
+        return "skipped"
+    if run is not None and _owner_alive(run):
+        return f"busy (pid {run.data.tags[OWNER_TAG]})"
+    resume = test_only = False
+    if run is not None:
+        ckpts = store.checkpoints(run)
+        # a process killed while writing a checkpoint leaves a truncated zip: not something to continue from
+        usable = [c for c in ("best.ckpt", "last.ckpt") if zipfile.is_zipfile(ckpts / c)]
+        test_only = run.data.tags.get(STAGE_TAG) in ("fit_done", "test") and bool(usable)
+        resume = not test_only and "last.ckpt" in usable
+        if not (test_only or resume):  # nothing to continue from: start over in a clean run
+            client.delete_run(run.info.run_id)
+            run = None
+    if run is None:
+        tags = {PARENT_TAG: parent_id, NAME_TAG: cfg.name, POINT_TAG: point.id, ROLE_TAG: "point"}
+        tags |= {f"grid.{k}": v for k, v in point.names.items()}
+        run_id = new_run(store, point.label(short_names([point])), tags)
+        from mlflow.entities import Param
+
+        params = [Param(f"grid.{k}", _cli_value(v)[:500]) for k, v in point.values.items()]
+        client.log_batch(run_id, params=params)
+        run = client.get_run(run_id)
+    run_id, ckpts = run.info.run_id, store.checkpoints(run)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, OWNER_TAG, f"{socket.gethostname()}:{os.getpid()}")
+    common = [
+        "--config",
+        base_path,
+        *point.args,
+        f"--trainer.logger.init_args.run_id={run_id}",
+        f"--trainer.logger.init_args.tracking_uri={store.tracking_uri}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    try:
+        if not test_only:
+            client.set_tag(run_id, STAGE_TAG, "fit")
+            extra = ["--ckpt_path", str(ckpts / "last.ckpt")] if resume else []
+            if resume and "resume" in inspect.signature(MLflowLogger).parameters:  # don't re-log steps before the crash
+                extra.append("--trainer.logger.init_args.resume=true")
+            trainer = cli.main(["fit", *common, *extra]).trainer
+            if trainer.interrupted or getattr(trainer, "received_sigterm", False):
+                raise RuntimeError(f"point {point.id}: fit was interrupted")
+            client.set_tag(run_id, STAGE_TAG, "fit_done")
+        best = next((p for p in (ckpts / "best.ckpt", ckpts / "last.ckpt") if zipfile.is_zipfile(p)), None)
+        if best is None:
+            raise RuntimeError(f"point {point.id}: fit wrote no checkpoint under {ckpts}; does validation run?")
+        client.set_tag(run_id, STAGE_TAG, "test")
+        cli.main(["test", *common, "--ckpt_path", str(best)])
+        client.set_tag(run_id, STAGE_TAG, "done")
+    except BaseException as e:
+        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return "resumed and finished" if resume else "finished"
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+def visible_gpus(arg: str | None) -> list[str]:
+    """GPU ids to hand out: ``--gpus``, else ``$CUDA_VISIBLE_DEVICES``, else what ``nvidia-smi -L`` lists."""
+    if arg:
+        return [g.strip() for g in arg.split(",") if g.strip()]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
+
+
+def point_command(config_path: str, point: Point, parent_id: str, tracking_uri: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cgc_lightning",
+        "grid",
+        "--config",
+        config_path,
+        "--point",
+        point.id,
+        "--parent",
+        parent_id,
+        "--tracking-uri",
+        tracking_uri,
+    ]
+
+
+def run_grid(
+    config_path: str, cfg: GridConfig, points: list[Point], store: Store, parent_id: str, *, jobs: int, gpus: list[str]
+) -> bool:
+    """Run every unfinished point, ``jobs`` processes at a time; True when all points are finished."""
+    short = short_names(points)
+    runs = child_runs(store, parent_id)
+    pending = []
+    for i, p in enumerate(points, 1):
+        if finished(runs.get(p.id)):
+            print(f"[{i}/{len(points)}] point {p.id} {p.label(short)} skipped (finished: run {runs[p.id].info.run_id})")
+        else:
+            pending.append((i, p))
+    logs = Path(store.checkpoint_dir) / "grids" / cfg.name
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[int, tuple[subprocess.Popen, int, Point, float, Any]] = {}  # slot -> process
+    failed = 0
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while pending or running:
+            free = [s for s in range(jobs) if s not in running]
+            while pending and free:
+                slot = free.pop(0)
+                i, p = pending.pop(0)
+                env = dict(os.environ)
+                # N processes that each spin one thread per core on the same cores slow each other down manyfold
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+                gpu = gpus[slot % len(gpus)] if gpus else None
+                if gpu is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = gpu
+                log = open(logs / f"{p.id}.log", "a")  # noqa: SIM115 (closed when the process ends)
+                proc = subprocess.Popen(
+                    point_command(config_path, p, parent_id, store.tracking_uri),
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                running[slot] = (proc, i, p, time.perf_counter(), log)
+                where = f" on GPU {gpu}" if gpu is not None else ""
+                print(f"[{i}/{len(points)}] point {p.id} {p.label(short)} running{where}", flush=True)
+            time.sleep(0.5)
+            for slot, (proc, i, p, start, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[slot]
+                took = time.perf_counter() - start
+                if proc.returncode == 0:
+                    print(f"[{i}/{len(points)}] point {p.id} {p.label(short)} finished ({took:.0f} s)", flush=True)
+                else:
+                    failed += 1
+                    tail = "\n    ".join(Path(log.name).read_text(errors="replace").splitlines()[-15:])
+                    print(
+                        f"[{i}/{len(points)}] point {p.id} {p.label(short)} failed (exit {proc.returncode}, "
+                        f"{took:.0f} s); log {log.name}:\n    {tail}",
+                        flush=True,
+                    )
+                run = child_runs(store, parent_id, p.id).get(p.id)
+                if run is not None:
+                    store.client.log_artifact(run.info.run_id, log.name, "grid_logs")
+    except KeyboardInterrupt:
+        for proc, *_ in running.values():
+            proc.terminate()
+        for proc, *_ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    runs = child_runs(store, parent_id)
+    return failed == 0 and all(finished(runs.get(p.id)) for p in points)
+
+
+def emit(kind: str, config_path: str, cfg: GridConfig, points: list[Point], store: Store, parent_id: str) -> str:
+    """One command per unfinished point, for a scheduler: ``shell`` lines, or a ``slurm`` array job script."""
+    runs = child_runs(store, parent_id)
+    todo = [p for p in points if not finished(runs.get(p.id))]
+    cwd = shlex.quote(str(Path.cwd()))
+    if kind == "shell":
+        return "".join(
+            f"cd {cwd} && {shlex.join(point_command(config_path, p, parent_id, store.tracking_uri))}\n" for p in todo
+        )
+    if not todo:
+        return "# every point of this grid is finished\n"
+    cmd = point_command(config_path, todo[0], parent_id, store.tracking_uri)
+    cmd[cmd.index("--point") + 1] = "@POINT@"
+    line = shlex.join(cmd).replace("@POINT@", '"${POINTS[$SLURM_ARRAY_TASK_ID]}"')
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"#SBATCH --job-name=grid-{cfg.name}",
+            f"#SBATCH --array=0-{len(todo) - 1}",
+            "#SBATCH --gres=gpu:1",
+            f"# {len(todo)} unfinished point(s) of grid {cfg.name!r}; parent run {parent_id}",
+            f"POINTS=({' '.join(p.id for p in todo)})",
+            f"cd {cwd}",
+            f"exec {line}",
+            "",
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class Summary:
+    """Per-point results and their aggregates over seeds."""
+
+    tasks: dict[str, str]
+    """``{task: metric name}``."""
+    axes: list[str]
+    """Axis keys shown as columns (the seed axis is averaged over, not shown)."""
+    points: list[dict]
+    """One row per point: ``axis values, seed, run_id, status, <task>, avg, delta_m, reference``."""
+    groups: list[dict]
+    """One row per combination of non-seed axes: ``axis values, n, <task>/avg/delta_m: [values over seeds]``."""
+
+
+def summarise(cfg: GridConfig, points: list[Point], runs: dict[str, Any]) -> Summary:
+    """Test metrics of each point, Δm against the baseline point of the same seed, and mean/spread over seeds."""
+    from cgc_lightning.compare import build_report
+
+    short = short_names(points)
+    results, tasks = {}, {}
+    for p in points:
+        run = runs.get(p.id)
+        found = task_scores(run) if run is not None and run.info.status == "FINISHED" else None
+        if found:
+            results[p.id] = found[0]
+            tasks.update(found[1])
+
+    def seed(p: Point) -> Any:
+        return get_key(p.config, cfg.seed_key)
+
+    ref_points = [
+        p
+        for p in points
+        if cfg.reference and all(canonical(get_key(p.config, k)) == canonical(v) for k, v in cfg.reference.items())
+    ]
+
+    def reference_of(p: Point) -> Point | None:
+        same_seed = [r for r in ref_points if canonical(seed(r)) == canonical(seed(p))]
+        varying = {k for r in same_seed for k in r.values if len({canonical(x.values.get(k)) for x in same_seed}) > 1}
+        match = [r for r in same_seed if all(canonical(r.values.get(k)) == canonical(p.values.get(k)) for k in varying)]
+        return match[0] if len(match) == 1 else None
+
+    axes = [k for k in short if k != cfg.seed_key]
+    rows, groups = [], {}
+    for p in points:
+        run, vals = runs.get(p.id), results.get(p.id)
+        ref = reference_of(p)
+        delta = None
+        if vals is not None and ref is not None and ref.id in results:
+            report = build_report({"ref": results[ref.id], "point": vals}, tasks, "ref")
+            delta = 100 * report.delta_m["point"]
+        status = "missing" if run is None else run.info.status + ("" if vals is not None else " (incomplete)")
+        row = {short[k]: p.names[k] for k in short if k in p.names}
+        row |= {"seed": seed(p), "point_id": p.id, "run_id": run.info.run_id if run else "", "status": status}
+        row |= {t: (vals or {}).get(t) for t in tasks}
+        row |= {"avg": statistics.fmean(vals.values()) if vals else None, "delta_m": delta}
+        row["reference"] = ref.id if ref is not None else ""
+        rows.append(row)
+        key = canonical([p.names.get(k) for k in axes])
+        group = groups.setdefault(key, {**{short[k]: p.names.get(k, "") for k in axes}, "n": 0, "values": {}})
+        if vals is not None:
+            group["n"] += 1
+            for col in [*tasks, "avg", "delta_m"]:
+                if row[col] is not None:
+                    group["values"].setdefault(col, []).append(row[col])
+    return Summary(tasks, [short[k] for k in axes], rows, list(groups.values()))
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(values: list[float], pct: bool = False) -> str:
+    mean, std = _mean_std(values)
+    if mean is None:
+        return "-"
+    text = f"{mean:+.2f}" if pct else f"{mean:.4f}"
+    if std is None:
+        return text
+    return text + (f" ± {std:.2f}" if pct else f" ± {std:.4f}")
+
+
+def summary_table(s: Summary) -> tuple[list[str], list[list[str]]]:
+    header = [*s.axes, "n", *[f"{t} ({m})" for t, m in s.tasks.items()], "avg", "Δm %"]
+    rows = [
+        [
+            *[str(g[a]) for a in s.axes],
+            str(g["n"]),
+            *[_cell(g["values"].get(t, [])) for t in s.tasks],
+            _cell(g["values"].get("avg", [])),
+            _cell(g["values"].get("delta_m", []), pct=True),
+        ]
+        for g in s.groups
+    ]
+    return header, rows
+
+
+def format_text(s: Summary) -> str:
+    header, rows = summary_table(s)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def _notes(s: Summary, cfg: GridConfig) -> str:
+    ref = ", ".join(f"{k}={v}" for k, v in (cfg.reference or {}).items()) or "none"
+    return (
+        f"test metrics, mean ± sample std over {cfg.seed_key}; Δm: mean relative change per task against the "
+        f"point with {ref} and the same seed, in percent (+ is better)"
+    )
+
+
+def format_markdown(s: Summary, cfg: GridConfig) -> str:
+    header, rows = summary_table(s)
+    md = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * len(s.axes) + ["---:"] * (len(header) - len(s.axes))) + "|",
+    ]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join([f"# grid {cfg.name}", "", *md, "", _notes(s, cfg), ""])
+
+
+def format_csv(s: Summary, per_point: bool) -> str:
+    buf = io.StringIO()
+    cols = [*s.tasks, "avg", "delta_m"]
+    if per_point:
+        w = csv.DictWriter(
+            buf, [*s.axes, "seed", "point_id", "run_id", "status", *cols, "reference"], extrasaction="ignore"
+        )
+        w.writeheader()
+        w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in s.points])
+    else:
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([*s.axes, "n", *[f"{c}_{stat}" for c in cols for stat in ("mean", "std")]])
+        for g in s.groups:
+            stats = [_mean_std(g["values"].get(c, [])) for c in cols]
+            w.writerow([*[g[a] for a in s.axes], g["n"], *["" if x is None else x for st in stats for x in st]])
+    return buf.getvalue()
+
+
+def report(cfg: GridConfig, points: list[Point], store: Store, parent_id: str, out: Path | None = None) -> Summary:
+    """Summarise the grid from MLflow, log the tables on the parent run (and into ``out``), print the table."""
+    s = summarise(cfg, points, child_runs(store, parent_id))
+    files = {
+        "grid_summary.md": format_markdown(s, cfg),
+        "grid_summary.csv": format_csv(s, per_point=False),
+        "grid_points.csv": format_csv(s, per_point=True),
+    }
+    for name, text in files.items():
+        store.client.log_text(parent_id, text, name)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(text)
+    done = sum(r["status"] == "FINISHED" for r in s.points)
+    print(
+        f"\ngrid {cfg.name}: {done} of {len(points)} point(s) finished; parent run {parent_id} "
+        f"(experiment {store.experiment_name!r}, {store.tracking_uri})"
+    )
+    print(format_text(s))
+    print(_notes(s, cfg))
+    return s
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m cgc_lightning grid",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="grid config (YAML), e.g. experiments/grids/tiny.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded points and their count; run nothing")
+    p.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own process (default 1)")
+    p.add_argument("--gpus", help="GPU ids handed out round-robin to the jobs (default: every visible GPU)")
+    p.add_argument("--summary", action="store_true", help="only summarise the grid's existing runs")
+    p.add_argument("--emit", choices=["shell", "slurm"], help="print one command per unfinished point, for a scheduler")
+    p.add_argument("--point", help="run this one point (by id) in this process")
+    p.add_argument("--parent", help="the grid's parent run (default: the newest parent run of this grid's name)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the base config's, $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)",
+    )
+    p.add_argument("--out", help="also write the summary files into this folder")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    cfg, base, base_path = load(args.config)
+    points, notes = expand(cfg, base)
+    if not points:
+        raise SystemExit(f"grid {cfg.name}: no points ({'; '.join(notes) or 'empty axes'})")
+    if args.dry_run:
+        short = short_names(points)
+        fixed = [f"--{k}={_cli_value(v)}" for k, v in cfg.overrides.items()]
+        print(f"grid {cfg.name}: base {base_path}" + (f", fixed overrides {' '.join(fixed)}" if fixed else ""))
+        for i, pt in enumerate(points, 1):
+            axis_args = [a if len(a) <= 100 else f"{a[:80]}... ({len(a)} chars)" for a in pt.args if a not in fixed]
+            print(f"[{i}/{len(points)}] point {pt.id} {pt.label(short)}\n    {' '.join(axis_args)}")
+        print(f"{len(points)} point(s)" + "".join(f"; {n}" for n in notes))
+        return 0
+    store = open_store(cfg, base, args.tracking_uri)
+    if args.point:
+        byid = {pt.id: pt for pt in points}
+        if args.point not in byid:
+            raise SystemExit(f"grid {cfg.name}: no point {args.point!r}; its points are {sorted(byid)}")
+        parent = parent_run(store, cfg, args.parent)
+        outcome = run_point(cfg, byid[args.point], base_path, store, parent)
+        print(f"point {args.point}: {outcome}")
+        return 3 if outcome.startswith("busy") else 0
+    parent = parent_run(store, cfg, args.parent)
+    client = store.client
+    client.set_tag(parent, "grid.points", str(len(points)))
+    client.set_tag(parent, "grid.axes", ",".join(short_names(points)))
+    if args.emit:
+        print(emit(args.emit, args.config, cfg, points, store, parent), end="")
+        return 0
+    if args.summary:
+        report(cfg, points, store, parent, Path(args.out) if args.out else None)
+        return 0
+    client.log_text(parent, Path(args.config).read_text(), "grid.yaml")
+    client.update_run(parent, status="RUNNING")
+    print(
+        f"grid {cfg.name}: {len(points)} point(s), parent run {parent}, {args.jobs} at a time"
+        + "".join(f"; {n}" for n in notes)
+    )
+    ok = False
+    try:
+        ok = run_grid(args.config, cfg, points, store, parent, jobs=args.jobs, gpus=visible_gpus(args.gpus))
+        report(cfg, points, store, parent, Path(args.out) if args.out else None)
+    except KeyboardInterrupt:
+        client.set_terminated(parent, "KILLED")
+        return 130
+    client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+    return 0 if ok else 1
