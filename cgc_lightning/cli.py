@@ -22,8 +22,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from cgc_lightning.callbacks import GateUsageMonitor, GradientConflictMonitor, SeesawMonitor
+from cgc_lightning.guard import RunGuard
 from cgc_lightning.module import MultiTaskLoRAModule
-from cgc_lightning.tracking import BestAdapterArtifact, MLflowConfigCallback
+from cgc_lightning.tracking import BestAdapterArtifact, MLflowConfigCallback, check_tracking_uri, default_tracking_uri
 from datamodules.multitask import MultiTaskDataModule
 
 TRAINER_DEFAULTS = {
@@ -51,6 +52,8 @@ class CGCLightningCLI(LightningCLI):
         parser.add_lightning_class_args(SeesawMonitor, "seesaw")
         parser.add_lightning_class_args(GradientConflictMonitor, "grad_conflict")
         parser.add_lightning_class_args(GateUsageMonitor, "gate_usage")
+        # a NaN/inf loss stops the run, Ctrl-C keeps a checkpoint, monitored metrics are checked before step 1
+        parser.add_lightning_class_args(RunGuard, "guard")
         parser.set_defaults(
             {
                 "lr_monitor.logging_interval": "step",
@@ -73,6 +76,10 @@ class CGCLightningCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         ckpt = getattr(cfg, "ckpt_path", None)
         logger = cfg.trainer.logger
+        init = getattr(logger, "init_args", None) if not isinstance(logger, bool) else None
+        if init is not None and "mlflow" in str(getattr(logger, "class_path", "")).lower():
+            # a tracking server that is down fails the run here, before the model loads
+            check_tracking_uri(getattr(init, "tracking_uri", None) or default_tracking_uri())
         if self.subcommand == "fit" and ckpt == "last":
             cfg.ckpt_path = ckpt = find_last_checkpoint(cfg)
         if self.subcommand in ("test", "validate", "predict", "fit") and ckpt and not isinstance(logger, bool):

@@ -178,6 +178,7 @@ class MultiTaskLoRAModule(L.LightningModule):
         )
         n = len(task_names)
         self.register_buffer("_task_loss_sum", torch.zeros(n), persistent=False)
+        self.nonfinite: dict | None = None  # the last training loss's NaN/inf flag, for RunGuard
         self.register_buffer("_task_tokens", torch.zeros(n), persistent=False)
         self._eval_loss: dict[str, torch.Tensor] = {}
 
@@ -213,6 +214,15 @@ class MultiTaskLoRAModule(L.LightningModule):
                 a.aux_loss = None
         self._task_loss_sum += task_sum.detach()
         self._task_tokens += task_tokens
+        # read by RunGuard before the optimizer step (a NaN stops the run there); no host sync here
+        flag = ~torch.isfinite(loss.detach())
+        previous = self.nonfinite  # micro-batches of one accumulated step
+        self.nonfinite = {
+            "flag": flag if previous is None else previous["flag"] | flag,
+            "loss": loss.detach(),
+            "task_ids": batch["task_ids"],
+            "task_sum": task_sum.detach(),
+        }
         # per-task losses are averaged over the logging interval: one host sync per log, not per step
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self._log_task_losses()

@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +37,47 @@ def default_tracking_uri() -> str:
 
 
 LOCKED_RETRIES = 8
+#: Seconds between attempts to reach a tracking store that stopped answering mid-run.
+UNSENT_RETRY_S = 30.0
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the URI in the message, when an MLflow tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(
+            f"MLflow tracking server {uri} does not answer ({getattr(e, 'reason', e)}). Start it, or point "
+            f"MLFLOW_TRACKING_URI / trainer.logger.init_args.tracking_uri elsewhere (unset, runs go to {DEFAULT_URI})"
+        ) from None
+
+
+def replay_unsent(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Send the metrics a run kept during a tracking outage (``unsent_metrics.jsonl``) to its run; return the count.
+
+    The file sits at ``<checkpoint_dir>/<experiment id>/<run id>/unsent_metrics.jsonl``.
+    """
+    from mlflow.entities import Metric
+
+    path = Path(path)
+    run_id = path.parent.name
+    client = LockRetryingClient(tracking_uri or default_tracking_uri())
+    now = int(time.time() * 1000)
+    metrics = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            metrics += [Metric(k, v, now, row["step"] or 0) for k, v in row["metrics"].items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    path.unlink()
+    return len(metrics)
 
 
 def retry_when_locked(fn, *args, **kwargs):
@@ -105,6 +148,12 @@ class MLflowLogger(MLFlowLogger):
         resume: bool = False,
     ):
         tracking_uri = tracking_uri or default_tracking_uri()
+        if tracking_uri.startswith(("http://", "https://")):
+            # MLflow's own retries would hold the training loop for minutes per log call during an outage;
+            # with these few, a call gives up in seconds and its metrics are kept for later (see `_send`)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         if tracking_uri == DEFAULT_URI:
             Path(DEFAULT_STORE).mkdir(exist_ok=True)
             artifact_location = artifact_location or (Path(DEFAULT_STORE) / "artifacts").resolve().as_uri()
@@ -121,6 +170,9 @@ class MLflowLogger(MLFlowLogger):
         self._mlflow_client = LockRetryingClient(tracking_uri)  # many processes may share one SQLite store
         self.resume = resume
         self._logged_until: dict[str, int] = {}  # resumed run: last step already in the store, per metric
+        self.final_status: str | None = None  # set by RunGuard: KILLED after Ctrl-C, rather than FAILED
+        self.unsent: list[tuple[dict, int | None]] = []  # metrics the store did not take (an outage), in order
+        self._next_retry = 0.0
 
     @property
     def save_dir(self) -> str:
@@ -132,7 +184,65 @@ class MLflowLogger(MLFlowLogger):
             # resume is exact): keep the history free of repeats by not logging them again
             metrics = {k: v for k, v in metrics.items() if step > self._last_logged_step(k)}
         if metrics:
+            self._send(dict(metrics), step)
+
+    def _send(self, metrics: dict, step: int | None) -> None:
+        """Log, or keep for later while the store is unreachable: an outage must not end the training."""
+        if self.unsent and (time.monotonic() < self._next_retry or not self.flush_unsent()):
+            self._keep(metrics, step)
+            return
+        try:
             super().log_metrics(metrics, step)
+        except Exception as e:
+            if not self.unsent:
+                warnings.warn(
+                    f"MLflow tracking store {self._tracking_uri} did not take the metrics of step {step} ({e}). "
+                    f"Training goes on; metrics are kept and sent when the store is back, and written to "
+                    f"{self.unsent_path} until then",
+                    stacklevel=2,
+                )
+            self._keep(metrics, step)
+
+    @property
+    def unsent_path(self) -> Path:
+        """Where metrics the store did not take are written (JSON lines), beside the run's checkpoints."""
+        return Path(self.checkpoint_dir) / str(self._experiment_id) / str(self._run_id) / "unsent_metrics.jsonl"
+
+    def _keep(self, metrics: dict, step: int | None) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.unsent.append((metrics, step))
+        self._next_retry = time.monotonic() + UNSENT_RETRY_S
+        self.unsent_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.unsent_path, "a") as fh:
+            fh.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    def flush_unsent(self) -> bool:
+        """Send the kept metrics; ``True`` when none are left."""
+        while self.unsent:
+            metrics, step = self.unsent[0]
+            try:
+                super().log_metrics(metrics, step)
+            except Exception:
+                self._next_retry = time.monotonic() + UNSENT_RETRY_S
+                return False
+            self.unsent.pop(0)
+        self.unsent_path.unlink(missing_ok=True)
+        return True
+
+    def finalize(self, status: str = "success") -> None:
+        if status == "failed" and self.final_status:
+            status = self.final_status
+        if self.unsent and not self.flush_unsent():
+            warnings.warn(
+                f"MLflow tracking store {self._tracking_uri} is still unreachable: {len(self.unsent)} metric logs of "
+                f"run {self._run_id} were not sent. They are in {self.unsent_path}; send them with "
+                f"`python -m cgc_lightning.tracking {self.unsent_path}` once the store is back",
+                stacklevel=2,
+            )
+        try:
+            super().finalize(status)
+        except Exception as e:
+            warnings.warn(f"could not mark MLflow run {self._run_id} {status}: {e}", stacklevel=2)
 
     def _last_logged_step(self, key: str) -> int:
         if key not in self._logged_until:
@@ -277,4 +387,17 @@ class BestAdapterArtifact(Callback):
                 base_model=pl_module.model_spec.name_or_path,
                 state_dict=state,
             )
-            logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "best_adapter"), "best_adapter")
+            try:
+                logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "best_adapter"), "best_adapter")
+            except Exception as e:  # the store is unreachable: keep the adapter beside the checkpoints instead
+                keep = logger.unsent_path.parent / "best_adapter" if isinstance(logger, MLflowLogger) else None
+                if keep is None:
+                    raise
+                shutil.copytree(Path(tmp) / "best_adapter", keep, dirs_exist_ok=True)
+                warnings.warn(f"could not log best_adapter/ to MLflow ({e}); it is in {keep}", stacklevel=2)
+
+
+if __name__ == "__main__":  # python -m cgc_lightning.tracking <unsent_metrics.jsonl> [tracking uri]
+    import sys
+
+    print(f"sent {replay_unsent(*sys.argv[1:3])} metric values")

@@ -1,10 +1,13 @@
-"""A callback that kills its own process with SIGKILL at a given step: a crash no Python handler sees."""
+"""Callbacks that break a run on purpose: SIGKILL (a crash no Python handler sees), a NaN loss, Ctrl-C, a tracking
+server that goes away."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
+import torch
 from lightning.pytorch import Callback
 
 
@@ -15,3 +18,38 @@ class SigkillAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonAt(Callback):
+    """Before optimizer step ``step + 1``, fill the frozen embedding with inf: that step's loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.get_input_embeddings().weight.fill_(float("inf"))
+
+
+class InterruptAt(Callback):
+    """Ctrl-C (SIGINT to itself) as the batch after optimizer step ``step`` starts (where most of a run's time goes)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class KillServerAt(Callback):
+    """SIGKILL the process whose id is in ``$TRACKING_SERVER_PID`` (an MLflow server) after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.killpg(int(os.environ["TRACKING_SERVER_PID"]), signal.SIGKILL)
+            time.sleep(1)

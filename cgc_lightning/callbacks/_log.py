@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -32,7 +33,10 @@ def log_figure(trainer: Trainer, build: Callable[[], object], path: str) -> None
     logger = mlflow_logger(trainer)
     if logger is None or not trainer.is_global_zero:
         return
-    logger.experiment.log_figure(logger.run_id, build(), path)
+    try:
+        logger.experiment.log_figure(logger.run_id, build(), path)
+    except Exception as e:  # a tracking outage must not end the training; the next validation draws it again
+        warnings.warn(f"could not log {path} to MLflow: {e}", stacklevel=2)
 
 
 def log_json(trainer: Trainer, data: dict, path: str) -> None:
@@ -40,7 +44,10 @@ def log_json(trainer: Trainer, data: dict, path: str) -> None:
     logger = mlflow_logger(trainer)
     if logger is None or not trainer.is_global_zero:
         return
-    logger.experiment.log_text(logger.run_id, json.dumps(data, indent=1), path)
+    try:
+        logger.experiment.log_text(logger.run_id, json.dumps(data, indent=1), path)
+    except Exception as e:
+        warnings.warn(f"could not log {path} to MLflow: {e}", stacklevel=2)
 
 
 class Stopwatch:

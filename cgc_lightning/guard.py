@@ -1,0 +1,172 @@
+"""Guards of a training run: what stops it, what it keeps when it stops, and config checks made before step 1.
+
+* A non-finite training loss stops ``fit`` before the optimizer applies it, with the step and the
+  batch's tasks in the message; the checkpoints on disk stay as they were (the last good state) and
+  the MLflow run is marked FAILED, with the message as its ``error`` tag.
+* Ctrl-C finishes the training step under way, saves ``last.ckpt`` where ``fit --ckpt_path last``
+  finds it, stops, and marks the MLflow run KILLED (a second Ctrl-C stops at once).
+* Every callback's ``monitor`` (checkpointing, early stopping) must name a metric the module logs:
+  a task name that is not in the data fails before the first step, not at the first validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from cgc_lightning.tracking import mlflow_logger
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss was NaN or infinite."""
+
+
+def loggable_metrics(pl_module: LightningModule) -> set[str]:
+    """Metric keys the module logs (``train/...``, ``val/...``, ``test/...``), for checking a ``monitor``."""
+    tasks = list(pl_module.layout.tasks)
+    metrics = list(getattr(pl_module, "task_metrics", None) or ["accuracy"] * len(tasks))
+    keys = {"train/loss", "train/aux_loss", "val/avg/score", "val/avg/loss", "test/avg/score", "test/avg/loss"}
+    for task, metric in zip(tasks, metrics, strict=True):
+        keys.add(f"train/{task}/loss")
+        for stage in ("val", "test"):
+            keys |= {f"{stage}/{task}/{metric}", f"{stage}/{task}/loss"}
+    return keys
+
+
+def check_monitors(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Raise ``ValueError`` when a callback monitors a per-task metric that this run will never log."""
+    known = loggable_metrics(pl_module)
+    tasks = list(pl_module.layout.tasks)
+    for cb in trainer.callbacks:
+        key = getattr(cb, "monitor", None)
+        if not isinstance(key, str) or key in known:
+            continue
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] in ("train", "val", "test") and parts[1] not in (*tasks, "avg"):
+            raise ValueError(
+                f"{type(cb).__name__} monitors {key!r}, but task {parts[1]!r} is not in the data; the tasks are "
+                f"{tasks} (set the callback's monitor to val/<task>/<metric>, or val/avg/score)"
+            )
+        if len(parts) == 3 and parts[1] in tasks:
+            options = sorted(k for k in known if k.startswith(f"{parts[0]}/{parts[1]}/"))
+            raise ValueError(
+                f"{type(cb).__name__} monitors {key!r}, but task {parts[1]!r} is scored with {options}; "
+                "its metric comes from the task spec (data.tasks[].metric)"
+            )
+
+
+class RunGuard(Callback):
+    """Stop on a non-finite loss, keep a checkpoint on Ctrl-C, check monitored metric names (module docstring).
+
+    Args:
+        check_finite: check the training loss before every optimizer step (one host sync per step).
+        checkpoint_on_interrupt: on Ctrl-C, finish the step and save ``last.ckpt`` before stopping.
+    """
+
+    def __init__(self, check_finite: bool = True, checkpoint_on_interrupt: bool = True):
+        self.check_finite, self.checkpoint_on_interrupt = check_finite, checkpoint_on_interrupt
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "layout"):
+            check_monitors(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        nonfinite = getattr(pl_module, "nonfinite", None)  # set by training_step; (micro-)batches since the last step
+        if not self.check_finite or nonfinite is None:
+            return
+        pl_module.nonfinite = None
+        if bool(nonfinite["flag"]):  # the one host sync
+            raise NonFiniteLossError(self._message(trainer, pl_module, nonfinite))
+
+    @staticmethod
+    def _message(trainer: Trainer, pl_module: LightningModule, nonfinite: dict) -> str:
+        names = pl_module.layout.tasks
+        in_batch = [names[t] for t in sorted(set(nonfinite["task_ids"].tolist()))]
+        sums = nonfinite["task_sum"]
+        bad = [names[t] for t in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
+        ckpt = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "") or "none yet"
+        return (
+            f"non-finite training loss ({float(nonfinite['loss'])}) at step {trainer.global_step + 1} "
+            f"(epoch {trainer.current_epoch}); tasks in the batch: {', '.join(in_batch)}; non-finite loss in: "
+            f"{', '.join(bad) or 'none of the per-task losses (an auxiliary loss)'}. The optimizer did not apply it. "
+            f"Last good checkpoint: {ckpt}. Lower model.lr, use trainer.precision 32-true or bf16-mixed instead of "
+            "16-mixed, or set trainer.gradient_clip_val"
+        )
+
+    # Ctrl-C: the first one asks to stop; the step under way finishes, last.ckpt is saved where the resume
+    # checkpoints are (the same state as theirs, so the resume is exact) and the run stops before the next
+    # batch or validation. A second Ctrl-C stops at once, keeping the checkpoints already on disk.
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop, self._saved, self._previous = False, False, None
+        if self.checkpoint_on_interrupt and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:
+            self._restore()
+            raise KeyboardInterrupt
+        self._stop = True
+        print(
+            "\nCtrl-C: stopping after this training step with a checkpoint to resume from (Ctrl-C again: stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        if getattr(self, "_previous", None) is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if getattr(self, "_stop", False) and not self._saved:
+            self._saved = self._save_last(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_if_saved()
+
+    def _stop_if_saved(self) -> None:
+        if getattr(self, "_saved", False):
+            self._restore()
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        logger = mlflow_logger(trainer)
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            if logger is not None:
+                logger.final_status = "KILLED"
+        elif logger is not None and trainer.is_global_zero:
+            try:
+                logger.experiment.set_tag(logger.run_id, "error", f"{type(exception).__name__}: {exception}"[:5000])
+            except Exception as e:  # the store may be what failed
+                log.warning("could not tag the MLflow run with the error: %s", e)
+
+    @staticmethod
+    def _save_last(trainer: Trainer) -> bool:
+        dirs = [c.dirpath for c in trainer.checkpoint_callbacks if c.save_last and c.dirpath]
+        if not dirs:
+            log.warning("Ctrl-C: no checkpoint callback with save_last, so no checkpoint was saved")
+            return True
+        path = Path(dirs[0]) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        for c in trainer.checkpoint_callbacks:
+            if c.save_last:
+                c.last_model_path = str(path)
+        if trainer.is_global_zero:
+            print(f"saved {path} at step {trainer.global_step}; resume with: fit --ckpt_path last", file=sys.stderr)
+        return True
