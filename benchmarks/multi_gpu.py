@@ -24,6 +24,12 @@ finite and that, after DDP, the adapter weights are bitwise identical on every r
 FSDP: ``FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True)``; each decoder
 layer is one unit holding frozen and trainable tensors, which needs ``use_orig_params``.
 
+DDP's own settings are named after ``ddp`` with ``+``, so several can run side by side in one call
+(``--strategy ddp,ddp+view,ddp+view+static+cap100``): ``view`` is ``gradient_as_bucket_view=True``
+(gradients live in the all-reduce buckets: no copy into and out of them), ``static`` is
+``static_graph=True`` (the same tensors take part in every step, which holds for every method here),
+``capN`` is ``bucket_cap_mb=N`` (PyTorch's default 25).
+
 Every (devices, strategy) group runs in its own process group, launched by this script with
 ``torch.distributed.run`` (the same environment as a ``torchrun`` or SLURM launch, see
 docs/multi_gpu.md); inside it, one ``Trainer.fit`` per (method, checkpointing).
@@ -86,14 +92,33 @@ def synthetic_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": s, "labels": s, "task_id": i % len(LAYOUT.tasks)} for i, s in enumerate(ids)]
 
 
+def ddp_options(name: str) -> dict | None:
+    """``DDPStrategy`` keyword arguments for ``ddp[+view][+static][+capN]``, or ``None`` if ``name`` is not DDP."""
+    base, *options = name.split("+")
+    if base != "ddp":
+        return None
+    # find_unused_parameters=False (the default): every adapter tensor gets a gradient each step,
+    # also on a rank whose batch misses tasks (see docs/multi_gpu.md)
+    kwargs: dict = dict(find_unused_parameters=False)
+    for opt in options:
+        if opt == "view":
+            kwargs["gradient_as_bucket_view"] = True
+        elif opt == "static":
+            kwargs["static_graph"] = True
+        elif re.fullmatch(r"cap\d+", opt):
+            kwargs["bucket_cap_mb"] = int(opt[3:])
+        else:
+            raise ValueError(f"unknown DDP option {opt!r} in strategy {name!r}; use view, static or cap<MB>")
+    return kwargs
+
+
 def make_strategy(name: str, accelerator: str):
-    """Lightning strategy for ``single`` (one device, none), ``ddp`` or ``fsdp``."""
+    """Lightning strategy for ``single`` (one device, none), ``ddp[+options]`` (see :func:`ddp_options`) or ``fsdp``."""
     if name == "single":
         return "auto"
-    if name == "ddp":
-        # find_unused_parameters=False (the default): every adapter tensor gets a gradient each step,
-        # also on a rank whose batch misses tasks (see docs/multi_gpu.md)
-        return DDPStrategy(find_unused_parameters=False)
+    ddp = ddp_options(name)
+    if ddp is not None:
+        return DDPStrategy(**ddp)
     if name == "fsdp":
         # one unit per decoder layer; each mixes frozen base weights and trainable adapters: use_orig_params
         return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True)
@@ -210,7 +235,8 @@ def train_once(args, method: str, checkpointing: bool) -> dict:
     assert not timer.no_grad, f"{method}: trainable tensors without a gradient: {timer.no_grad[:5]}"
     if isinstance(trainer.strategy, DDPStrategy):
         assert not trainer.strategy._ddp_kwargs.get("find_unused_parameters", False)
-    same = replicas_equal(module, trainer.strategy.root_device) if args.strategy == "ddp" and world > 1 else None
+    is_ddp = ddp_options(args.strategy) is not None
+    same = replicas_equal(module, trainer.strategy.root_device) if is_ddp and world > 1 else None
     assert same is not False, f"{method}: adapter weights differ across ranks after DDP"
     seconds = (timer.t1 - timer.t0) / args.steps
     result = dict(
@@ -277,7 +303,8 @@ def table(args, results: list[dict], errors: dict[tuple, str], world: int) -> st
         f"size={args.size} device={where} B={args.batch}/device T={args.seq} tasks=4 clusters=2 "
         f"steps={args.steps} timed after {args.warmup} warm-up, tokens/s = B*T*devices/step time"
     )
-    cols = f"{'method':<18}{'GC':<5}{'strategy':<10}{'1 dev tok/s':>13}{f'{world} dev tok/s':>13}{'ratio':>8}"
+    width = max(10, *(len(x) + 2 for x in args.strategies.split(",")))
+    cols = f"{'method':<18}{'GC':<5}{'strategy':<{width}}{'1 dev tok/s':>13}{f'{world} dev tok/s':>13}{'ratio':>8}"
     cols += f"{'ms/step 1':>11}{f'ms/step {world}':>11}{'peak GiB 1':>12}{f'peak GiB {world}':>12}"
     cols += f"{'loss first->last':>20}"
     out = [head, cols]
@@ -287,7 +314,7 @@ def table(args, results: list[dict], errors: dict[tuple, str], world: int) -> st
             for strategy in args.strategies.split(","):
                 many = by.get((method, strategy, world, gc_on))
                 err = errors.get((world, strategy, method, gc_on))
-                line = f"{method:<18}{'on' if gc_on else 'off':<5}{strategy:<10}"
+                line = f"{method:<18}{'on' if gc_on else 'off':<5}{strategy:<{width}}"
                 line += f"{one['tokens_per_s']:>13,.0f}" if one else f"{'-':>13}"
                 if many is None:
                     out.append(line + f"  {err or 'not run'}")
@@ -344,6 +371,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.strategy = args.strategies
         worker(args)
         return []
+    for name in args.strategies.split(","):
+        if name != "fsdp" and ddp_options(name) is None:
+            ap.error(f"unknown strategy {name!r}; choose fsdp or ddp[+view][+static][+capN]")
     for m in args.methods.split(","):
         if m not in ADAPTERS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(ADAPTERS)}")

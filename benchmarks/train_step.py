@@ -39,6 +39,7 @@ step time and the GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s).
 
     python -m benchmarks.train_step --size 1b --device cuda
     python -m benchmarks.train_step --size tiny --device cpu --steps 2
+    python -m benchmarks.train_step --size host --device cpu --seq 8 --threads 1   # host cost per step
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ from cgc_lightning.routing import disable_adapters, route
 #: Model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, RoPE theta); no RoPE scaling (same cost).
 SIZES: dict[str, tuple[int, int, int, int, int, int, float]] = {
     "tiny": (64, 2, 4, 2, 128, 256, 10000.0),
+    # Llama-3.2-1B's depth (16 layers, 112 adapted projections) at a tiny width: on the CPU with a few
+    # tokens, a step is almost all per-operation host time, what bounds the GPU step at 1B, B = 4
+    "host": (64, 16, 4, 2, 128, 256, 10000.0),
     "135m": (576, 30, 9, 3, 1536, 49152, 100000.0),  # SmolLM2-135M
     "1b": (2048, 16, 32, 8, 8192, 128256, 500000.0),  # Llama-3.2-1B
     "3b": (3072, 28, 24, 8, 8192, 128256, 500000.0),  # Llama-3.2-3B
@@ -352,7 +356,8 @@ def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: lis
         if not torch.equal(loss, ref_loss):
             assert_close(loss, ref_loss, rtol=1e-3, atol=0, msg=lambda m: f"{name}: loss at init != base: {m}")
             lines.append(f"check: {name} loss at init {loss.item():.6f} vs base {ref_loss.item():.6f} (not bitwise)")
-        run.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda)
+        # fused on either device: one multi-tensor update, whatever the number of trainable tensors
+        run.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
         train_steps(run, ids, tasks, warmup)
         if cuda:
             torch.cuda.synchronize()
@@ -401,7 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--check", action="store_true", help="also run the float64 tiny-model check (implied by tiny)")
     ap.add_argument("--profile", default="", help="write a torch.profiler table per variant into this folder")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:

@@ -43,6 +43,7 @@ class RoutingState:
     def __init__(self, task_names: Sequence[str], task_clusters: Sequence[int]):
         self.task_names = tuple(task_names)
         self.task_cluster = torch.tensor(list(task_clusters), dtype=torch.long)  # (n_tasks,)
+        self._task_cluster_on: dict[torch.device, torch.Tensor] = {}
         self.task_ids: torch.Tensor | None = None  # (B,)
         self.cluster_ids: torch.Tensor | None = None  # (B,)
         self.disabled = False
@@ -53,6 +54,17 @@ class RoutingState:
 
     def restore(self, snap: tuple) -> None:
         self.task_ids, self.cluster_ids, self.disabled = snap
+
+    def clusters_of(self, tasks: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` cluster of each task id, on the ids' device.
+
+        The table is copied to a device once: a copy from host memory on every batch would make the
+        host wait for the GPU to finish the previous step before it can queue this one.
+        """
+        table = self._task_cluster_on.get(tasks.device)
+        if table is None:
+            table = self._task_cluster_on[tasks.device] = self.task_cluster.to(tasks.device)
+        return table[tasks]
 
     def ids_for(self, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Task and cluster ids for a layer input with ``rows`` samples on its batch axis."""
@@ -151,7 +163,7 @@ def route(
                 f"task id {int(bad[0])} is out of range: this model's adapters know {n_tasks} tasks "
                 f"(0..{n_tasks - 1}: {', '.join(state.task_names)})"
             )
-    derived = state.task_cluster.to(tasks.device)[tasks]
+    derived = state.clusters_of(tasks)
     if cluster_ids is not None:
         clusters = torch.as_tensor(cluster_ids, dtype=torch.long, device=tasks.device)
         if validate and not torch.equal(clusters, derived):

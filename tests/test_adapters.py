@@ -176,3 +176,49 @@ def test_rank_must_be_positive():
     for r in (0, -2):
         with pytest.raises(ValueError, match="rank r must be a positive integer"):
             JointLoRA(in_features=4, out_features=4, r=r, alpha=1.0)
+
+
+@pytest.mark.parametrize("case", ["moelora", "moelora_split", "cgc_task", "cgc_S0", "cgc_P0"])
+def test_gate_table_path_equals_route_dense_path(case, monkeypatch):
+    """GatedMixture (gate inside the node, weights = spread @ softmax(table)) against route_dense + DenseMixture."""
+    kind, kw = CASES[case]
+    adapter = make(kind, **kw)
+    randomize(adapter, seed=5)
+    x = torch.randn(5, 6, D_IN, **F64, requires_grad=True)
+    tasks = torch.tensor([3, 1, 2, 0, 1])
+    logits, spread = adapter.route_table(x, tasks, None)
+    weight, rows = adapter.route_dense(x, tasks, None)  # a table (n_tasks, E) and the row of each sample
+    E = adapter.experts.num_experts
+    assert_close((spread @ torch.softmax(logits, -1).flatten()).view(5, E), weight[rows], rtol=0, atol=0)
+    params = [x, *adapter.parameters()]
+    upstream = torch.randn(5, 6, D_OUT, **F64)
+    out_table = adapter(x, tasks, None)
+    g_table = torch.autograd.grad((out_table * upstream).sum(), params)
+    monkeypatch.setattr(type(adapter), "route_table", lambda self, *a: None)
+    out_dense = adapter(x, tasks, None)
+    g_dense = torch.autograd.grad((out_dense * upstream).sum(), params)
+    assert_close(out_table, out_dense, rtol=1e-13, atol=1e-13)
+    for a, b in zip(g_table, g_dense, strict=True):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["cgc_lora", "moelora", "independent_lora"])
+def test_per_batch_routing_is_built_once_per_batch_and_follows_new_ids(kind):
+    """Layers share one routing tensor per batch of ids; new ids, also written in place, rebuild it."""
+    first, second = make(kind), make(kind)  # two layers of one model
+    for layer in (first, second):
+        randomize(layer, seed=11)
+    x = torch.randn(4, 3, D_IN, **F64)
+
+    def routing(layer, tasks):
+        table = layer.route_table(x, tasks, None)
+        return table[1] if table is not None else layer.route_dense(x, tasks, None)[0]
+
+    tasks = torch.tensor([0, 1, 2, 3])
+    built = routing(first, tasks)
+    assert routing(second, tasks) is built  # the second layer reuses the first one's
+    assert routing(first, tasks.clone()) is not built  # equal ids in a new tensor: rebuilt (and equal)
+    assert torch.equal(routing(first, tasks.clone()), built)
+    tasks.copy_(torch.tensor([3, 3, 0, 1]))  # the same tensor, new ids written in place
+    assert not torch.equal(routing(first, tasks), built)
+    assert_close(first(x, tasks, None), naive_forward(first, x, tasks), rtol=1e-12, atol=1e-12)

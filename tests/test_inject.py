@@ -241,3 +241,30 @@ def test_adapters_follow_the_models_train_or_eval_mode():
         assert torch.equal(model(x).logits, model(x).logits)  # no dropout at inference
         model.train()
         assert not torch.equal(model(x).logits, model(x).logits)
+
+
+AMP_CONFIGS = {
+    **METHOD_CONFIGS,
+    "modula_res": AdapterConfig(method="modula_res", dropout=0.0),
+    "modula_flan_domain": AdapterConfig(method="modula_flan", stage="domain", dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(AMP_CONFIGS))
+def test_bf16_autocast_trains_float32_adapters(name, expert_path):
+    """``precision: bf16-mixed``: float32 model and adapters under autocast, forward and backward (METHODS.md s4)."""
+    model = tiny_model("llama", dtype=torch.float32)
+    inject_adapters(model, AMP_CONFIGS[name], LAYOUT)
+    randomize_adapters(model)
+    model.train()
+    x = ids()
+    with route(model, TASKS):
+        reference = model(input_ids=x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=x).logits
+        logits.float().logsumexp(-1).mean().backward()  # outside autocast, as Lightning runs it
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trained)
+    assert all(torch.isfinite(p.grad).all() for _, p in trained)
+    assert any(p.grad.abs().sum() > 0 for n, p in trained if ".lora_A" in n)
+    assert_close(logits.float(), reference, rtol=0.05, atol=0.05)

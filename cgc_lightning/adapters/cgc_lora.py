@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cgc_lightning.adapters.experts import Adapter, require_task_ids
+from cgc_lightning.adapters.experts import Adapter, per_batch, require_task_ids, task_spread
 from cgc_lightning.adapters.lora import lora_scaling
 
 GATE_INPUTS = ("task", "token", "task+token")
@@ -115,6 +115,8 @@ class CGCLoRA(Adapter):
         self.gate_input = gate_input
         self.mergeable = gate_input == "task"
         self.register_buffer("visible", visible.to(device), persistent=False)  # (n_tasks, S+P)
+        # names the layout in the per-batch cache, so every layer with this layout shares one spread matrix
+        self._layout_key = ("cgc_lora", num_experts, tuple(map(tuple, visible.tolist())))
         self.task_gate = None
         if "task" in gate_input.split("+"):
             if gate is None:
@@ -148,6 +150,19 @@ class CGCLoRA(Adapter):
         G = self.task_gate.gate_logits  # (n_tasks, S+P)
         logits = G.new_full((G.shape[0], self.experts.num_experts), float("-inf")).scatter(1, self.visible, G)
         return torch.softmax(logits, dim=-1), task_ids  # (n_tasks, E), (B,)
+
+    def route_table(self, x, task_ids, cluster_ids):
+        if self.gate_input != "task":
+            return None  # the token-reading gates differ per token: route_dense
+        task_ids = require_task_ids(task_ids, "cgc_lora")
+        G = self.task_gate.gate_logits  # (n_tasks, S+P)
+        # (B*E, n_tasks*(S+P)): sample b gets row t(b) of softmax(G) on the experts task t(b) sees, 0 elsewhere
+        spread = per_batch(
+            task_ids,
+            (*self._layout_key, G.dtype, G.device),
+            lambda: task_spread(task_ids, self.visible, self.experts.num_experts, G.dtype),
+        )
+        return G, spread
 
     def task_route(self, task):
         if not self.mergeable:

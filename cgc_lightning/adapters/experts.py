@@ -29,6 +29,13 @@ The weights multiply the small ``z``, the scaling rides on the products, and the
 output ``out`` is added inside the last product (``addmm``), so no pass over a ``(B, T, d_out)``
 tensor is spent on any of them.
 
+A gate that is one softmax per task over a table of logits (CGC-LoRA's and MOELoRA's task gates)
+runs inside the same node (:class:`GatedMixture`): the sample-by-expert weights are one product of
+the softmaxed table with a 0/1 matrix that depends only on the batch's task ids
+(:func:`task_spread`), built once per batch and shared by every layer, and the gate's backward is
+that product transposed and the softmax's backward. Per layer this leaves five kernels forward and
+nine backward, and no autograd node besides the mixture's own.
+
 Everything here imports only torch.
 """
 
@@ -103,12 +110,12 @@ class StackedExperts(nn.Module):
             ``(B, T, d_out)``: ``out + s * sum_k w_{b,t,k} B_{e(b,k)} A_{e(b,k)} x_{b,t}`` (``out`` = 0 if ``None``).
         """
         if index is None:
-            return DenseMixture.apply(x, self.lora_A, self.lora_B, weight, rows, out, scaling)
+            return apply_mixture(DenseMixture, x, self.lora_A, self.lora_B, weight, rows, out, scaling)
         if rows is not None:
             weight, rows = weight[rows].unsqueeze(1), None  # (B, 1, K)
         if self.dense:
             weight = spread_weights(weight, index, self.num_experts, x.dtype)  # (B, T|1, E)
-            return DenseMixture.apply(x, self.lora_A, self.lora_B, weight, None, out, scaling)
+            return apply_mixture(DenseMixture, x, self.lora_A, self.lora_B, weight, None, out, scaling)
         n, T, _ = x.shape
         K, r = index.shape[1], self.r
         A_sel = self.lora_A[index].flatten(1, 2)  # (B, K, r, d_in) -> (B, K*r, d_in)
@@ -122,6 +129,26 @@ class StackedExperts(nn.Module):
     def dense(self) -> bool:
         """Whether a mixture of some of the experts is computed over all of them (see the module docstring)."""
         return self.num_experts * self.r <= DENSE_MAX_RANK
+
+
+def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
+    """``fn.apply(x, A, B, a, b, out, scaling)`` for :class:`DenseMixture` and :class:`GatedMixture`.
+
+    Under autocast (``bf16-mixed``, ``16-mixed``) a hand-written node would compute its forward products
+    in the autocast dtype but its backward, which runs outside autocast, in the tensors' own dtypes, and
+    fail on the mix. So the node runs with autocast off on its floating inputs cast to the autocast
+    dtype: the casts are autograd ops, and float32 adapter weights get float32 gradients through them.
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return fn.apply(x, A, B, a, b, out, scaling)
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    with torch.autocast(device, enabled=False):
+        return fn.apply(cast(x), cast(A), cast(B), cast(a), cast(b), cast(out), scaling)
 
 
 class DenseMixture(torch.autograd.Function):
@@ -179,6 +206,101 @@ class DenseMixture(torch.autograd.Function):
             if need_x:
                 g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
         return g_x, g_A, g_B, g_w, None, grad if need_out else None, None
+
+
+class GatedMixture(torch.autograd.Function):
+    """:class:`DenseMixture` whose weights come from a gate table, the gate's forward and backward inside the node.
+
+    Shapes: ``x (B, T, d_in)``, ``A (E, r, d_in)``, ``B (E, r, d_out)``, ``logits (n, k)`` (one softmax per
+    row, e.g. per task), ``spread (B*E, n*k)`` from :func:`task_spread`, ``out (B, T, d_out)`` or ``None``.
+    The weight of expert ``e`` for sample ``b`` is ``w[b, e] = sum_{t,k} spread[(b, e), (t, k)] softmax(logits)[t, k]``,
+    one ``mv``; its gradient goes back to the table through ``spread^T`` and the softmax's backward. Kept for
+    backward: what :class:`DenseMixture` keeps, plus the softmaxed table ``p (n, k)`` and ``w (B, E)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, logits, spread, out, scaling: float):
+        n, T, d_in = x.shape
+        E, r, d_out = B.shape
+        p = torch.softmax(logits, dim=-1)  # (n_rows, k)
+        w = torch.mv(spread, p.view(-1)).view(n, 1, E, 1)  # (B, 1, E, 1): 0 for the experts a sample does not see
+        z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
+        u = (z.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
+        B2 = B.view(E * r, d_out)
+        y = torch.mm(u, B2) * scaling if out is None else torch.addmm(out.reshape(n * T, d_out), u, B2, alpha=scaling)
+        ctx.save_for_backward(x, A, B, z, u, p, w, spread)
+        ctx.scaling = scaling
+        return y.view(n, T, d_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, A, B, z, u, p, w, spread = ctx.saved_tensors
+        s = ctx.scaling
+        n, T, d_in = x.shape
+        E, r, d_out = B.shape
+        need_x, need_A, need_B, need_logits, _, need_out, _ = ctx.needs_input_grad
+        g = grad.reshape(n * T, d_out)
+        B2 = B.view(E * r, d_out)
+        g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=s)  # (B*T, E*r); see DenseMixture.backward
+        g_x = g_A = g_B = g_logits = None
+        if need_B:
+            g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=s).view(E, r, d_out)
+        if need_logits:
+            g_w = (g_u.view(n, T, E, r) * z.view(n, T, E, r)).sum((1, 3))  # (B, E)
+            g_p = torch.mv(spread.t(), g_w.view(-1).to(spread.dtype)).view(p.shape).to(p.dtype)  # (n_rows, k)
+            # softmax's own backward kernel, p * (g_p - <g_p, p>) in one launch instead of four
+            g_logits = torch._softmax_backward_data(g_p, p, -1, p.dtype)
+        if need_x or need_A:
+            g_z = (g_u.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
+            if need_A:
+                g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
+            if need_x:
+                g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
+        return g_x, g_A, g_B, g_logits, None, grad if need_out else None, None
+
+
+def task_spread(task_ids: torch.Tensor, table: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 matrix that lays a gate table's rows out over each sample's experts, for :class:`GatedMixture`.
+
+    Args:
+        task_ids: ``(B,)``, the table row of each sample.
+        table: ``(n, k)``, the expert id of each column of each row (CGC-LoRA: the experts task ``t`` sees).
+        num_experts: ``E``.
+        dtype: the gate logits' dtype.
+
+    Returns:
+        ``(B*E, n*k)``: entry ``((b, e), (t, k))`` is 1 where ``t = task_ids[b]`` and ``table[t, k] = e``.
+    """
+    n, k = table.shape
+    rows = task_ids[:, None] == torch.arange(n, device=task_ids.device)  # (B, n)
+    cols = table[:, :, None] == torch.arange(num_experts, device=table.device)  # (n, k, E)
+    spread = rows[:, None, :, None] & cols.permute(2, 0, 1)[None]  # (B, E, n, k)
+    return spread.reshape(-1, n * k).to(dtype)
+
+
+#: One entry per key: (the task-id tensor it was built for, that tensor's version, the value).
+_PER_BATCH: dict[tuple, tuple[torch.Tensor, int, object]] = {}
+
+
+def per_batch(task_ids: torch.Tensor, key: tuple, build):
+    """``build()``, a constant of the batch's task ids, built once per batch and shared by every layer.
+
+    Every adapted layer of a model receives the same ``task_ids`` tensor for one batch (the routing
+    state's), so the first layer builds the value and the others reuse it: per-batch routing work is
+    done once per step, not once per layer. The entry is tied to that tensor object and its version
+    counter, so new ids (a new tensor, or the same one written in place) rebuild it. ``key`` names what
+    is built and everything it depends on besides the ids (layout, dtype, device). Not cached under
+    inference mode or while compiling, where tensors cannot be reused that way.
+    """
+    if torch.is_inference_mode_enabled() or task_ids.is_inference() or torch.compiler.is_compiling():
+        return build()
+    hit = _PER_BATCH.get(key)
+    if hit is not None and hit[0] is task_ids and hit[1] == task_ids._version:
+        return hit[2]
+    value = build()
+    _PER_BATCH[key] = (task_ids, task_ids._version, value)
+    return value
 
 
 def spread_weights(
@@ -245,6 +367,16 @@ class Adapter(nn.Module):
             weight = spread_weights(weight, index, self.experts.num_experts, x.dtype)  # (B, T|1, E)
         return weight, None
 
+    def route_table(self, x: torch.Tensor, task_ids: torch.Tensor | None, cluster_ids: torch.Tensor | None):
+        """For a gate that is one softmax per task over a table of logits, the dense path's fastest form.
+
+        Returns:
+            ``None`` (the default: use :meth:`route_dense`), or ``(logits (n, k), spread (B*E, n*k))`` for
+            :class:`GatedMixture`: every task's gate logits, and :func:`task_spread` of the batch, so that
+            ``route_dense``'s weights are ``spread @ softmax(logits)``.
+        """
+        return None
+
     def task_route(self, task: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return ``(index (K,) | None, weight (K,) | None)``: the experts task ``task`` uses and their weights."""
         raise NotImplementedError(f"{type(self).__name__} has no constant per-task update")
@@ -274,6 +406,10 @@ class Adapter(nn.Module):
             ``(B, T, d_out)``: the update, or ``out`` plus the update.
         """
         if self.experts.dense:
+            table = self.route_table(x, task_ids, cluster_ids)
+            if table is not None:
+                A, B = self.experts.lora_A, self.experts.lora_B
+                return apply_mixture(GatedMixture, self.dropout(x), A, B, *table, out, self.scaling)
             weight, rows = self.route_dense(x, task_ids, cluster_ids)
             return self.experts(self.dropout(x), None, weight, rows=rows, scaling=self.scaling, out=out)
         index, weight = self.route(x, task_ids, cluster_ids)

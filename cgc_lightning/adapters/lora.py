@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from cgc_lightning.adapters.experts import Adapter, check_rank, require_task_ids
+from cgc_lightning.adapters.experts import Adapter, check_rank, per_batch, require_task_ids, spread_weights
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
@@ -95,6 +95,17 @@ class IndependentLoRA(Adapter):
     def route(self, x, task_ids, cluster_ids):
         task_ids = require_task_ids(task_ids, "independent_lora")
         return task_ids[:, None], None  # (B, 1): each sample sees its own task's pair
+
+    def route_dense(self, x, task_ids, cluster_ids):
+        task_ids = require_task_ids(task_ids, "independent_lora")
+        E = self.experts.num_experts
+        # one-hot (B, 1, E), a constant of the batch: built by the first layer, reused by the others
+        weight = per_batch(
+            task_ids,
+            ("independent_lora", E, x.dtype, x.device),
+            lambda: spread_weights(None, task_ids[:, None], E, x.dtype),
+        )
+        return weight, None
 
     def task_route(self, task):
         return torch.tensor([task], device=self.experts.lora_A.device), None

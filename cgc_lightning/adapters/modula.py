@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cgc_lightning.adapters.experts import Adapter, DenseMixture
+from cgc_lightning.adapters.experts import Adapter, DenseMixture, apply_mixture
 from cgc_lightning.adapters.lora import lora_scaling
 
 VARIANTS = ("res", "flan")
@@ -263,7 +263,7 @@ class MoDULA(Adapter):
             # U alone: the domain experts are not in this stage's function, so they are not computed
             u = self.num_universal
             A, B = self.experts.lora_A[:u], self.experts.lora_B[:u]  # (u, r, d_in), (u, r, d_out)
-            return DenseMixture.apply(self.dropout(x), A, B, None, None, out, self.scaling)
+            return apply_mixture(DenseMixture, self.dropout(x), A, B, None, None, out, self.scaling)
         return super().forward(x, task_ids, cluster_ids, out)
 
     def task_route(self, task):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cgc_lightning.adapters.experts import Adapter, require_task_ids
+from cgc_lightning.adapters.experts import Adapter, per_batch, require_task_ids, task_spread
 from cgc_lightning.adapters.lora import lora_scaling
 
 
@@ -33,9 +33,13 @@ class TaskEmbeddingGate(nn.Module):
         self.gate_task_emb = nn.Parameter(torch.randn(num_tasks, dim, dtype=dtype, device=device))  # (n_tasks, D)
         self.gate_W = nn.Parameter(torch.zeros(num_experts, dim, dtype=dtype, device=device))  # (E, D)
 
+    def logits(self) -> torch.Tensor:
+        """Every task's gate logits, ``W_g emb(t)``: ``(n_tasks, E)``."""
+        return self.gate_task_emb @ self.gate_W.t()
+
     def table(self) -> torch.Tensor:
         """Every task's gate weights, ``(n_tasks, E)``."""
-        return torch.softmax(self.gate_task_emb @ self.gate_W.t(), dim=-1)
+        return torch.softmax(self.logits(), dim=-1)
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
         """task_ids: (B,) -> gate weights (B, E)."""
@@ -99,6 +103,17 @@ class MoELoRA(Adapter):
 
     def route_dense(self, x, task_ids, cluster_ids):
         return self.gate.table(), require_task_ids(task_ids, "moelora")  # (n_tasks, E): sample b uses row t(b)
+
+    def route_table(self, x, task_ids, cluster_ids):
+        task_ids = require_task_ids(task_ids, "moelora")
+        logits = self.gate.logits()  # (n_tasks, E)
+        n, E = logits.shape
+
+        def build():  # (B*E, n_tasks*E): sample b gets row t(b) of softmax(logits), expert e in column e
+            every_expert = torch.arange(E, device=task_ids.device).expand(n, E)
+            return task_spread(task_ids, every_expert, E, logits.dtype)
+
+        return logits, per_batch(task_ids, ("moelora", n, E, logits.dtype, logits.device), build)
 
     def task_route(self, task):
         ids = torch.tensor([task], device=self.experts.lora_A.device)
