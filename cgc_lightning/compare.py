@@ -44,6 +44,7 @@ from typing import Literal
 import yaml
 
 from cgc_lightning.config import AdapterConfig
+from cgc_lightning.configs import deep_merge, read_base, section
 from cgc_lightning.metrics import LOWER_IS_BETTER
 
 MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger", "lightning.pytorch.loggers.MLFlowLogger")
@@ -82,13 +83,6 @@ class CompareConfig:
             raise ValueError(f"compare config: metric must be 'primary' or 'loss', got {self.metric!r}")
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def load_config(path: str | Path) -> tuple[CompareConfig, dict]:
     """Read a compare config; return it and its base experiment config (as a dict, overrides merged in)."""
     path = Path(path)
@@ -98,29 +92,13 @@ def load_config(path: str | Path) -> tuple[CompareConfig, dict]:
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; a compare config has {sorted(known)}")
     cfg = CompareConfig(**raw)
-    if isinstance(cfg.base, dict):
-        base = cfg.base
-    else:
-        candidates = [Path(cfg.base), path.parent / cfg.base]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(
-                f"{path}: base config {cfg.base!r} not found (looked at {[str(p) for p in candidates]})"
-            )
-        base = yaml.safe_load(found.read_text()) or {}
-    return cfg, _deep_merge(base, cfg.overrides)
-
-
-def _section(config: dict, key: str) -> dict:
-    """``config[key]``, or its ``init_args`` when it is written as ``class_path``/``init_args``."""
-    value = config.setdefault(key, {}) or {}
-    config[key] = value
-    return value.setdefault("init_args", {}) if "class_path" in value else value
+    base = read_base(cfg.base, path)
+    return cfg, deep_merge(base, cfg.overrides)
 
 
 def method_adapters(cfg: CompareConfig, base: dict) -> dict[str, dict]:
     """``{method name: full adapter config}``, each checked against :class:`AdapterConfig` before anything runs."""
-    base_adapter = dict(_section(copy.deepcopy(base), "model").get("adapter") or {})
+    base_adapter = dict(section(copy.deepcopy(base), "model").get("adapter") or {})
     out = {}
     for m in cfg.methods:
         spec = {"method": m} if isinstance(m, str) else {k: v for k, v in m.items() if k != "name"}
@@ -140,7 +118,7 @@ def method_adapters(cfg: CompareConfig, base: dict) -> dict[str, dict]:
 def child_config(base: dict, adapter: dict, *, name: str, experiment: str, tracking_uri: str, parent: str) -> dict:
     """The base experiment with this method's adapter, logging into a child run of ``parent``."""
     config = copy.deepcopy(base)
-    _section(config, "model")["adapter"] = adapter
+    section(config, "model")["adapter"] = adapter
     trainer = config.setdefault("trainer", {})
     logger = trainer.get("logger")
     if isinstance(logger, dict) and logger.get("class_path", MLFLOW_LOGGERS[0]) not in MLFLOW_LOGGERS:

@@ -44,6 +44,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from cgc_lightning.config import STAGES
+from cgc_lightning.configs import deep_merge, read_base, section
 
 MLFLOW_LOGGER = "cgc_lightning.tracking.MLflowLogger"
 PARENT_TAG, STAGE_TAG, INDEX_TAG, ADAPTER_TAG = "mlflow.parentRunId", "stage", "stage.index", "stages.adapter"
@@ -158,20 +159,6 @@ def _stage_spec(value: StageSpec | dict, index: int) -> StageSpec:
     return StageSpec(**value)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def _section(config: dict, key: str) -> dict:
-    """``config[key]``, or its ``init_args`` when it is written as ``class_path``/``init_args``."""
-    value = config.get(key) or {}
-    config[key] = value
-    return value.setdefault("init_args", {}) if "class_path" in value else value
-
-
 def load_config(path: str | Path, init_adapter: str | None = None) -> tuple[StagesConfig, dict]:
     """Read a stages config; return it and its base experiment config (a dict, config-wide overrides merged in)."""
     path = Path(path)
@@ -188,17 +175,8 @@ def load_config(path: str | Path, init_adapter: str | None = None) -> tuple[Stag
         raise ValueError(f"{path}: {e}") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    if isinstance(cfg.base, dict):
-        base = cfg.base
-    else:
-        candidates = [Path(cfg.base), path.parent / cfg.base]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(
-                f"{path}: base config {cfg.base!r} not found (looked at {[str(p) for p in candidates]})"
-            )
-        base = yaml.safe_load(found.read_text()) or {}
-    return cfg, _deep_merge(base, cfg.overrides)
+    base = read_base(cfg.base, path)
+    return cfg, deep_merge(base, cfg.overrides)
 
 
 def stage_config(
@@ -212,8 +190,8 @@ def stage_config(
     tags: dict,
 ) -> dict:
     """The experiment config of one stage: its overrides, stage and starting adapter, a child run, and a timer."""
-    config = _deep_merge(base, spec.overrides)
-    adapter = _section(config, "model").setdefault("adapter", {})
+    config = deep_merge(base, spec.overrides)
+    adapter = section(config, "model").setdefault("adapter", {})
     adapter["stage"] = spec.stage
     adapter["init_adapter"] = init_adapter
     trainer = config.setdefault("trainer", {})
@@ -264,7 +242,7 @@ def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple
     init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
     tracking_uri = init.get("tracking_uri") or default_tracking_uri()
     experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
-    method = (_section(copy.deepcopy(base), "model").get("adapter") or {}).get("method", "cgc_lora")
+    method = (section(copy.deepcopy(base), "model").get("adapter") or {}).get("method", "cgc_lora")
     stage_list = ",".join(s.stage for s in cfg.stages)
     parent = MLflowLogger(
         experiment_name=experiment,

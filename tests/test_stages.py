@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from cgc_lightning.cli import CGCLightningCLI
 from cgc_lightning.module import MultiTaskLoRAModule
 from cgc_lightning.stages import StageSpec, load_config, stage_config
 from datamodules.multitask import MultiTaskDataModule
+from tests.test_cli import run_cli, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = sorted((ROOT / "experiments" / "stages").glob("*.yaml"))
@@ -81,23 +80,6 @@ def test_stages_config_errors(tmp_path):
             run_name="x",
             tags={},
         )
-
-
-def workdir(tmp_path: Path) -> Path:
-    """A fresh working directory that sees the repo's fixtures and configs under their relative paths."""
-    (tmp_path / "tests").symlink_to(ROOT / "tests")
-    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
-    return tmp_path
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "cgc_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 #: The tiny experiment, shortened: each stage is two training steps and one validation, diagnostics without figures.
