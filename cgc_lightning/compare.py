@@ -33,6 +33,7 @@ import copy
 import csv
 import io
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -369,6 +370,23 @@ def log_report(client, run_id: str, report: Report, stage: str, out_dir: Path | 
     client.log_batch(run_id, metrics=metrics)
 
 
+def run_logged(command: list[str], log: Path) -> int:
+    """Run ``command`` with its output written to ``log`` and, when this process writes to a terminal, shown
+    there too (with the child's progress bars live); return its exit code."""
+    env = dict(os.environ)
+    live = sys.stdout.isatty()
+    if live:
+        env.setdefault("FORCE_COLOR", "1")  # the child's output is a pipe; its progress bars still draw
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
+            fh.write(chunk)
+            if live:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+    return proc.wait()
+
+
 def train(
     cfg: CompareConfig,
     base: dict,
@@ -417,16 +435,12 @@ def train(
                 fit_and_test(path)
             else:
                 log = work / f"{name}.log"
-                with open(log, "w") as fh:
-                    proc = subprocess.run(
-                        [sys.executable, "-m", "cgc_lightning", "compare", "--child", str(path)],
-                        stdout=fh,
-                        stderr=subprocess.STDOUT,
-                    )
+                print(f"[{i}/{len(adapters)}] {name}: config {path}, log {log}", flush=True)
+                returncode = run_logged([sys.executable, "-m", "cgc_lightning", "compare", "--child", str(path)], log)
                 client.log_artifact(parent_id, str(log), "logs")
-                if proc.returncode:
+                if returncode:
                     tail = "\n".join(log.read_text().splitlines()[-30:])
-                    raise RuntimeError(f"method {name!r} failed (exit {proc.returncode}); end of its log:\n{tail}")
+                    raise RuntimeError(f"method {name!r} failed (exit {returncode}); end of its log:\n{tail}")
             print(f"[{i}/{len(adapters)}] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
         runs = client.search_runs(
             [client.get_experiment_by_name(experiment).experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
