@@ -93,6 +93,14 @@ CONFIGS = {
     ),
 }
 VARIANTS = ("peft_lora", "joint_lora", "cgc_lora", "moelora", "moelora_loop")
+#: ``--compile`` modes: "eager" (no compilation) or a ``torch.compile`` mode, with the suffix its rows get.
+MODE_TAGS = {
+    "eager": "",
+    "default": "compile",
+    "reduce-overhead": "cudagraphs",
+    "max-autotune-no-cudagraphs": "autotune",
+    "max-autotune": "autotune+cudagraphs",
+}
 
 
 class LoopMoELoRA(nn.Module):
@@ -317,6 +325,13 @@ class Run:
     peak_bytes: int | None = None
     times: list[float] = field(default_factory=list)
     error: str | None = None
+    mode: str = "eager"  # or a torch.compile mode
+    step_model: nn.Module | None = None  # what a training step calls: ``model``, or ``torch.compile(model)``
+    first_step_s: float | None = None  # the first training step, compilation included
+
+    @property
+    def label(self) -> str:
+        return self.name if self.mode == "eager" else f"{self.name}+{MODE_TAGS[self.mode]}"
 
 
 def timer(device: str) -> Callable[[Callable[[], None]], float]:
@@ -337,8 +352,12 @@ def timer(device: str) -> Callable[[Callable[[], None]], float]:
     return run
 
 
-def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: list[str]) -> Run:
-    """Build variant ``name``, check its loss at init against the base's, warm it up and take its peak memory."""
+def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: list[str], mode: str = "eager") -> Run:
+    """Build variant ``name``, check its loss at init against the base's, warm it up and take its peak memory.
+
+    With a ``torch.compile`` ``mode``, the training steps call the compiled model (the init check runs
+    eagerly, so that no separate inference graph is compiled); the first warm-up step compiles it.
+    """
     cuda = dev == "cuda"
     gc.collect()  # so that no earlier garbage is freed while this variant's peak is measured
     if cuda:
@@ -348,7 +367,8 @@ def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: lis
         torch.cuda.reset_peak_memory_stats()
     model, routed = build_variant(name, base, dev)
     params = trainable(model)
-    run = Run(name, model, routed, None, sum(p.numel() for p in params))
+    run = Run(name, model, routed, None, sum(p.numel() for p in params), mode=mode)
+    run.step_model = model if mode == "eager" else torch.compile(model, mode=mode)
     try:
         with torch.no_grad():
             loss = forward(model, routed, ids, tasks)
@@ -358,7 +378,8 @@ def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: lis
             lines.append(f"check: {name} loss at init {loss.item():.6f} vs base {ref_loss.item():.6f} (not bitwise)")
         # fused on either device: one multi-tensor update, whatever the number of trainable tensors
         run.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-        train_steps(run, ids, tasks, warmup)
+        run.first_step_s = timer(dev)(lambda: train_steps(run, ids, tasks, 1))
+        train_steps(run, ids, tasks, warmup - 1)
         if cuda:
             torch.cuda.synchronize()
             run.peak_bytes = torch.cuda.max_memory_allocated() - before
@@ -371,8 +392,11 @@ def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: lis
 
 
 def train_steps(run: Run, ids: torch.Tensor, tasks: torch.Tensor, n: int) -> None:
+    graphs = "cudagraphs" in MODE_TAGS[run.mode]
     for _ in range(n):
-        forward(run.model, run.routed, ids, tasks).backward()
+        if graphs:  # a new step: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        forward(run.step_model, run.routed, ids, tasks).backward()
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)
 
@@ -407,6 +431,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--check", action="store_true", help="also run the float64 tiny-model check (implied by tiny)")
     ap.add_argument("--profile", default="", help="write a torch.profiler table per variant into this folder")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument(
+        "--compile",
+        default="eager",
+        help="comma-separated: eager and/or torch.compile modes (" + ", ".join(list(MODE_TAGS)[1:]) + "); every "
+        "variant runs in every mode, all timed side by side, each compared with peft_lora in the same mode",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -414,7 +444,15 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    modes = [m for m in args.compile.split(",") if m]
+    bad = sorted(set(modes) - set(MODE_TAGS))
+    if bad or not modes:
+        raise SystemExit(f"unknown --compile mode(s) {bad}; choose from {', '.join(MODE_TAGS)}")
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be at least 1 (peak memory and compilation are taken there)")
     dev = args.device
+    if dev == "cpu" and any("cudagraphs" in MODE_TAGS[m] for m in modes):
+        raise SystemExit(f"--compile {args.compile}: CUDA graphs need --device cuda")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     lines = []
     if args.check or args.size == "tiny":
@@ -433,12 +471,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(lines[-1], flush=True)
     measure = timer(dev)
 
+    if modes != ["eager"]:
+        # every variant is its own model object: one compiled graph (and guard set) each
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(names) * len(modes))
     runs: dict[str, Run] = {}
-    for name in names:
-        runs[name] = start_variant(name, base, dev, ids, tasks, ref_loss, args.warmup, lines)
-        print(f"built {name}: {runs[name].error or 'ok'}", flush=True)
+    for mode in modes:
+        for name in names:
+            run = start_variant(name, base, dev, ids, tasks, ref_loss, args.warmup, lines, mode)
+            runs[run.label] = run
+            first = f", first step {run.first_step_s:.1f} s" if run.first_step_s is not None else ""
+            print(f"built {run.label}: {run.error or 'ok'}{first}", flush=True)
 
-    built = ", ".join(n for n, r in runs.items() if r.error is None)
+    built = ", ".join(dict.fromkeys(r.name for r in runs.values() if r.error is None))
     lines.append(f"check ({args.size}, {dev}): loss at init == base model's (bitwise unless noted) for {built}")
     live = [r for r in runs.values() if r.error is None]
     for _ in range(args.rounds):
@@ -466,9 +510,10 @@ def profile(runs: list[Run], ids: torch.Tensor, tasks: torch.Tensor, folder: str
             wall = timer(dev)(lambda run=run: train_steps(run, ids, tasks, 2)) / 2
         ka = prof.key_averages()
         busy = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 2e3
-        line = f"profile {run.name}: {wall * 1e3:.1f} ms/step wall" + (f", GPU busy {busy:.1f} ms/step" if cuda else "")
+        line = f"profile {run.label}: {wall * 1e3:.1f} ms/step wall"
+        line += f", GPU busy {busy:.1f} ms/step" if cuda else ""
         lines.append(line)
-        with open(os.path.join(folder, f"{run.name}.txt"), "w") as f:
+        with open(os.path.join(folder, f"{run.label}.txt"), "w") as f:
             f.write(line + "\n")
             if cuda:
                 f.write(ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60) + "\n")
@@ -477,14 +522,20 @@ def profile(runs: list[Run], ids: torch.Tensor, tasks: torch.Tensor, folder: str
 
 
 def report(args, runs: dict[str, Run], lines: list[str], dtype: torch.dtype, n_params: int) -> dict:
+    """The table: each run against ``peft_lora`` in its own mode and, with several modes, against eager PEFT."""
     cfg = llama_config(args.size)
     tokens = args.batch * args.seq
     flops = model_flops(cfg, tokens, args.seq)
     peak = peak_tflops(args.device)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    bar = runs.get("peft_lora")
-    t_bar = statistics.median(bar.times) if bar and bar.times else None
-    m_bar = bar.peak_bytes if bar else None
+    modes = list(dict.fromkeys(r.mode for r in runs.values()))
+
+    def bar(mode: str) -> tuple[float | None, int | None]:
+        run = next((r for r in runs.values() if r.name == "peft_lora" and r.mode == mode and r.times), None)
+        return (statistics.median(run.times), run.peak_bytes) if run else (None, None)
+
+    t_eager = bar("eager")[0] if len(modes) > 1 else None
+    w = max(14, *(len(label) + 2 for label in runs))
     out = [
         *lines,
         f"size={args.size} ({n_params / 1e6:.0f}M params) "
@@ -492,29 +543,34 @@ def report(args, runs: dict[str, Run], lines: list[str], dtype: torch.dtype, n_p
         f"rounds={args.rounds} x {args.steps} steps (median), warmup={args.warmup}",
         f"model FLOPs/step = tokens*(4*N_mm + 6*N_lora(r=24) + 12*L*d*T) = {flops / 1e12:.2f} TFLOP; "
         f"MFU vs {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'}",
-        f"{'variant':<14}{'trainable':>12}{'ms/step':>10}{'spread':>8}{'tokens/s':>11}{'peak GiB':>10}"
-        f"{'time/peft':>11}{'mem/peft':>10}{'MFU':>8}",
+        f"{'variant':<{w}}{'trainable':>12}{'ms/step':>10}{'spread':>8}{'tokens/s':>11}{'peak GiB':>10}"
+        f"{'time/peft':>11}{'mem/peft':>10}{'MFU':>8}" + (f"{'/eager peft':>13}{'1st step s':>12}" if t_eager else ""),
     ]
     rows = {}
-    for name, run in runs.items():
+    for label, run in runs.items():
         if run.error:
-            out.append(f"{name:<14}{run.n_trainable:>12,}{run.error:>10}")
+            out.append(f"{label:<{w}}{run.n_trainable:>12,}{run.error:>10}")
             continue
+        t_bar, m_bar = bar(run.mode)
         t = statistics.median(run.times)
         spread = (max(run.times) - min(run.times)) / t
         mem = run.peak_bytes / 2**30 if run.peak_bytes is not None else None
-        rows[name] = dict(ms=t * 1e3, tokens_per_s=tokens / t, peak_gib=mem, times=run.times)
+        rows[label] = dict(ms=t * 1e3, tokens_per_s=tokens / t, peak_gib=mem, times=run.times, mode=run.mode)
         out.append(
-            f"{name:<14}{run.n_trainable:>12,}{t * 1e3:>10.2f}{100 * spread:>7.1f}%{tokens / t:>11,.0f}"
+            f"{label:<{w}}{run.n_trainable:>12,}{t * 1e3:>10.2f}{100 * spread:>7.1f}%{tokens / t:>11,.0f}"
             + (f"{mem:>10.2f}" if mem is not None else f"{'n/a':>10}")
             + (f"{t / t_bar:>11.3f}" if t_bar else f"{'':>11}")
             + (f"{run.peak_bytes / m_bar:>10.3f}" if m_bar and run.peak_bytes else f"{'n/a':>10}")
             + (f"{100 * flops / t / (peak * 1e12):>7.1f}%" if peak else f"{'n/a':>8}")
+            + (f"{t / t_eager:>13.3f}{run.first_step_s:>12.1f}" if t_eager else "")
         )
-    if "moelora_loop" in rows:
-        loop = rows["moelora_loop"]["ms"]
-        faster = [f"{n} {loop / rows[n]['ms']:.2f}x" for n in ("cgc_lora", "moelora") if n in rows]
-        out.append("faster than moelora_loop (8 experts): " + ", ".join(faster))
+    for mode in modes:
+        suffix = "" if mode == "eager" else f"+{MODE_TAGS[mode]}"
+        loop = rows.get("moelora_loop" + suffix)
+        if loop:
+            ours = [n for n in ("cgc_lora", "moelora") if n + suffix in rows]
+            faster = [f"{n} {loop['ms'] / rows[n + suffix]['ms']:.2f}x" for n in ours]
+            out.append(f"faster than moelora_loop{suffix} (8 experts): " + ", ".join(faster))
     return dict(text="\n".join(out), rows=rows, checks=lines, flops=flops)
 
 

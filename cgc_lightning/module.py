@@ -77,6 +77,47 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses * mask, mask
 
 
+def compile_options(value: bool | dict) -> dict | None:
+    """``torch.compile`` keyword arguments from the ``compile`` setting, or ``None`` for no compilation."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"model.compile must be true, false or a mapping of torch.compile arguments, got {value!r}")
+    unknown = sorted(set(value) - set(MultiTaskLoRAModule.COMPILE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"model.compile: unknown torch.compile argument(s) {unknown}; "
+            f"use {', '.join(MultiTaskLoRAModule.COMPILE_KEYS)}"
+        )
+    mode, backend = value.get("mode"), value.get("backend", "inductor")
+    if mode is not None:
+        if backend != "inductor":
+            raise ValueError(f"model.compile: mode {mode!r} is inductor's; it cannot go with backend {backend!r}")
+        modes = torch._inductor.list_mode_options()
+        if mode not in modes:
+            raise ValueError(f"model.compile: unknown mode {mode!r}; torch.compile knows {', '.join(modes)}")
+    if isinstance(backend, str) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"model.compile: unknown backend {backend!r}; "
+            f"available: {', '.join(torch._dynamo.list_backends(exclude_tags=()))}"
+        )
+    return dict(value)
+
+
+def uses_cuda_graphs(kwargs: dict | None) -> bool:
+    """Whether ``torch.compile(**kwargs)`` replays CUDA graphs, whose outputs the next step may overwrite."""
+    if kwargs is None:
+        return False
+    options = kwargs.get("options") or {}
+    return (
+        kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+        or kwargs.get("backend") == "cudagraphs"
+        or bool(options.get("triton.cudagraphs"))
+    )
+
+
 class MultiTaskLoRAModule(L.LightningModule):
     """Multi-task parameter-efficient fine-tuning of one frozen causal LM.
 
@@ -94,7 +135,16 @@ class MultiTaskLoRAModule(L.LightningModule):
         schedule: decay after warm-up: ``cosine`` (to 10% of ``lr``), ``linear`` (to 0) or ``constant``.
         gradient_checkpointing: recompute activations in backward to save memory.
         max_new_tokens: generation length for generative metrics and ``predict``.
+        compile: run the training forward and backward through ``torch.compile``: ``true`` for its
+            defaults, or its keyword arguments (``mode``, ``backend``, ``dynamic``, ``fullgraph``,
+            ``options``), e.g. ``{mode: reduce-overhead}`` for CUDA graphs. Every method compiles into
+            one graph. Worth it where the host issuing operations, not the GPU, sets the pace (small
+            models or batches, see docs/benchmarks.md); the first steps pay the compilation.
+            Validation, test and generation stay eager.
     """
+
+    #: The keyword arguments of ``torch.compile`` that ``compile`` accepts.
+    COMPILE_KEYS = ("mode", "backend", "dynamic", "fullgraph", "options")
 
     def __init__(
         self,
@@ -110,8 +160,10 @@ class MultiTaskLoRAModule(L.LightningModule):
         schedule: Literal["cosine", "linear", "constant"] = "cosine",
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 16,
+        compile: bool | dict = False,
     ):
         super().__init__()
+        compile_kwargs = compile_options(compile)
         model = ModelSpec(**model) if isinstance(model, dict) else model
         adapter = AdapterConfig() if adapter is None else adapter
         adapter = AdapterConfig(**adapter) if isinstance(adapter, dict) else adapter
@@ -140,6 +192,7 @@ class MultiTaskLoRAModule(L.LightningModule):
                 "schedule": schedule,
                 "gradient_checkpointing": gradient_checkpointing,
                 "max_new_tokens": max_new_tokens,
+                "compile": compile if isinstance(compile, bool) else dict(compile),
             },
             logger=False,
         )  # MLflowConfigCallback logs params under stable, flat names
@@ -171,6 +224,14 @@ class MultiTaskLoRAModule(L.LightningModule):
             )
             enable({"use_reentrant": False})
             self.model.config.use_cache = False
+            if compile_kwargs is not None and hasattr(self.model, "disable_input_require_grads"):
+                # HF's hook marks the embeddings' output as requiring grad, which only reentrant
+                # checkpointing needs; inside a compiled graph it forces a graph break
+                self.model.disable_input_require_grads()
+        # kept out of the module tree (a tuple, not an attribute nn.Module registers): the compiled
+        # wrapper shares self.model's parameters and must not add a second copy of their names
+        self._compiled = () if compile_kwargs is None else (torch.compile(self.model, **compile_kwargs),)
+        self._cuda_graphs = uses_cuda_graphs(compile_kwargs)
         # checkpoints hold adapter tensors only; the frozen base comes from model.name_or_path
         self.strict_loading = False
         self.metrics = nn.ModuleDict(
@@ -186,8 +247,10 @@ class MultiTaskLoRAModule(L.LightningModule):
 
     def forward(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
         """Logits ``(B, L, V)``; each sample goes through its own task's (and cluster's) adapters."""
+        # the compiled model only where it was compiled for: training steps (eval shapes vary, no graph)
+        model = self._compiled[0] if self._compiled and self.training and torch.is_grad_enabled() else self.model
         with route(self.model, task_ids, validate=False):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _per_task_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean target-token loss of the batch, and per-task sums of token losses and token counts."""
@@ -203,6 +266,8 @@ class MultiTaskLoRAModule(L.LightningModule):
     # --------------------------------------------------------------------------------------- training
 
     def training_step(self, batch, batch_idx):
+        if self._cuda_graphs:  # a new step: the graphs may overwrite the previous step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         loss, task_sum, task_tokens = self._per_task_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         aux = [a.aux_loss for a in self._aux_adapters if a.aux_loss is not None]  # left by this step's forward

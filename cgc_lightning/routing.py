@@ -103,6 +103,10 @@ def _replay_routing(checkpoint_fn, state: RoutingState):
 
     @functools.wraps(checkpoint_fn)
     def wrapped(function, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # a compiled step recomputes inside its own backward graph, from the ids its forward read
+            # (graph inputs); swapping the state there would be a side effect that breaks the graph
+            return checkpoint_fn(function, *args, **kwargs)
         snap = state.snapshot()
 
         def with_routing(*a, **kw):

@@ -293,7 +293,7 @@ def per_batch(task_ids: torch.Tensor, key: tuple, build):
     is built and everything it depends on besides the ids (layout, dtype, device). Not cached under
     inference mode or while compiling, where tensors cannot be reused that way.
     """
-    if torch.is_inference_mode_enabled() or task_ids.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or task_ids.is_inference():
         return build()
     hit = _PER_BATCH.get(key)
     if hit is not None and hit[0] is task_ids and hit[1] == task_ids._version:

@@ -1,0 +1,176 @@
+"""torch.compile: every method traces into one graph and trains exactly as it does eagerly.
+
+Compiling removes most of the host time per operation, which is what bounds a training step of a
+small model or a small batch on a GPU (docs/benchmarks.md). The ``aot_eager`` backend runs the
+same forward and backward graphs as inductor would compile, without code generation, so the
+comparison with eager mode is exact in float64 and the test stays fast on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from cgc_lightning.config import AdapterConfig
+from cgc_lightning.inject import adapter_parameters, inject_adapters
+from cgc_lightning.routing import route
+from tests.conftest import LAYOUT, randomize_adapters, tiny_model
+from tests.test_inject import ids
+
+CONFIGS = {
+    "joint_lora": AdapterConfig(method="joint_lora", dropout=0.0),
+    "independent_lora": AdapterConfig(method="independent_lora", dropout=0.0),
+    "moelora": AdapterConfig(method="moelora", num_experts=3, dropout=0.0),
+    "moelora_layer_gate": AdapterConfig(method="moelora", num_experts=3, gate_per_layer=True, dropout=0.0),
+    "cgc_lora": AdapterConfig(method="cgc_lora", dropout=0.0),
+    "cgc_lora_token": AdapterConfig(method="cgc_lora", gate_input="token", dropout=0.0),
+    "cgc_lora_task_token": AdapterConfig(method="cgc_lora", gate_input="task+token", dropout=0.0),
+    "modula_res": AdapterConfig(method="modula_res", dropout=0.0, load_balance_coef=0.01),
+    "modula_flan_top1": AdapterConfig(method="modula_flan", dropout=0.0, router_top_k=1),
+    "modula_res_domain": AdapterConfig(method="modula_res", dropout=0.0, stage="domain"),
+}
+TASKS = torch.tensor([0, 1, 2, 3])
+
+
+def loss_and_grads(model, fn, x):
+    with route(model, TASKS, validate=False):
+        loss = fn(input_ids=x, labels=x).loss
+    aux = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    total = loss + sum(aux) if aux else loss
+    total.backward()
+    params = [p for _, p in adapter_parameters(model) if p.requires_grad]
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    for m in model.modules():
+        if getattr(m, "aux_loss", None) is not None:
+            m.aux_loss = None
+    return total.detach(), grads
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_step_is_one_graph_and_equals_eager(name):
+    torch._dynamo.reset()
+    model = tiny_model("llama").train()
+    inject_adapters(model, CONFIGS[name], LAYOUT)
+    randomize_adapters(model)
+    x = ids()
+    loss, grads = loss_and_grads(model, model, x)
+    # fullgraph: a graph break anywhere in the adapters (a host sync, an unsupported call) fails here
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(2):  # the second call runs the cached graph
+        loss_c, grads_c = loss_and_grads(model, compiled, x)
+        assert_close(loss_c, loss, rtol=1e-12, atol=0)
+        assert len(grads_c) == len(grads) > 0
+        for g_c, g in zip(grads_c, grads, strict=True):
+            assert_close(g_c, g, rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_step_follows_the_batchs_task_ids():
+    """The task ids are an input of the graph, not a constant baked into it: new ids, new routing."""
+    torch._dynamo.reset()
+    model = tiny_model("llama").train()
+    inject_adapters(model, CONFIGS["cgc_lora"], LAYOUT)
+    randomize_adapters(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = ids()
+    for tasks in ([0, 1, 2, 3], [3, 3, 0, 1], [2, 0, 2, 0]):
+        with torch.no_grad(), route(model, tasks):
+            assert_close(compiled(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------- the module's option
+
+FIXTURE = str(Path(__file__).resolve().parent / "fixtures" / "tiny-llama")
+
+
+def fit_module(tmp_path, compile, gradient_checkpointing=False, steps=3):
+    import lightning as L
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from cgc_lightning.hf import ModelSpec
+    from cgc_lightning.module import MultiTaskLoRAModule
+    from datamodules.collate import Collator
+    from tests.test_seesaw import _ddp_rows
+
+    torch.manual_seed(0)
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=FIXTURE, random_init=True, dtype="float64"),
+        adapter=AdapterConfig(method="cgc_lora", r=4, dropout=0.0),
+        task_names=["a", "b", "c"],
+        task_clusters=["x", "x", "y"],
+        gradient_checkpointing=gradient_checkpointing,
+        warmup_ratio=0.0,
+        compile=compile,
+    )
+    rows = ConcatDataset([_ddp_rows(4, t) for t in range(3)])
+    # batches of 2 from a shuffled mix: each step sees a different pair of tasks
+    train = DataLoader(
+        rows, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=Collator(0, [0, 0, 1])
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=train)
+    return module
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_module_compile_trains_like_eager_and_keeps_its_state_dict(tmp_path, gradient_checkpointing):
+    torch._dynamo.reset()
+    eager = fit_module(tmp_path, False, gradient_checkpointing)
+    torch._dynamo.utils.counters.clear()
+    compiled = fit_module(tmp_path, {"backend": "aot_eager"}, gradient_checkpointing)
+    assert compiled._compiled and not eager._compiled
+    # the training steps went through the compiled model, as one graph (checkpointed layers included)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    w_e, w_c = dict(adapter_parameters(eager.model)), dict(adapter_parameters(compiled.model))
+    assert w_e.keys() == w_c.keys()
+    assert any(name.endswith("lora_B") and p.abs().sum() > 0 for name, p in w_c.items()), "did training run?"
+    for name in w_e:
+        assert_close(w_c[name], w_e[name], rtol=1e-9, atol=1e-12, msg=name)
+    # the compiled wrapper is not a submodule: checkpoints and state dicts name the same tensors
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert not any("_orig_mod" in k for k in compiled.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"mood": "default"}, r"unknown torch.compile argument\(s\) \['mood'\]"),
+        ({"mode": "fast"}, "unknown mode 'fast'; torch.compile knows default, "),
+        ({"backend": "nope"}, "unknown backend 'nope'; available: .*aot_eager"),
+        ({"mode": "default", "backend": "aot_eager"}, "mode 'default' is inductor's"),
+        ("yes", "must be true, false or a mapping"),
+    ],
+)
+def test_bad_compile_settings_are_refused_before_the_model_loads(value, message, monkeypatch):
+    from cgc_lightning import module as module_mod
+
+    def no_load(spec):
+        raise AssertionError("the model was loaded before the setting was checked")
+
+    monkeypatch.setattr(module_mod, "load_model", no_load)
+    with pytest.raises(ValueError, match=message):
+        module_mod.MultiTaskLoRAModule(
+            module_mod.ModelSpec(name_or_path=FIXTURE, random_init=True), task_names=["a"], compile=value
+        )
+
+
+def test_cuda_graph_modes_are_recognised():
+    from cgc_lightning.module import uses_cuda_graphs
+
+    assert uses_cuda_graphs({"mode": "reduce-overhead"}) and uses_cuda_graphs({"mode": "max-autotune"})
+    assert uses_cuda_graphs({"options": {"triton.cudagraphs": True}})
+    assert not uses_cuda_graphs({}) and not uses_cuda_graphs(None)
+    assert not uses_cuda_graphs({"mode": "max-autotune-no-cudagraphs"})
