@@ -299,6 +299,11 @@ def run_params(config: dict) -> dict:
     for k in ("lr", "weight_decay", "warmup_ratio", "schedule", "gradient_checkpointing"):
         if k in model:
             params[f"optim.{k}" if k != "gradient_checkpointing" else "model.gradient_checkpointing"] = model[k]
+    if "compile" in model:  # one column whatever its form: false, true, or "mode=reduce-overhead"
+        value = model["compile"]
+        params["model.compile"] = (
+            ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or True if isinstance(value, dict) else value
+        )
     data = config.get("data", {}) or {}
     data = data.get("init_args", data)
     _flatten("data", {k: v for k, v in data.items() if k not in ("tasks", "tokenizer")}, params)

@@ -174,3 +174,11 @@ def test_cuda_graph_modes_are_recognised():
     assert uses_cuda_graphs({"options": {"triton.cudagraphs": True}})
     assert not uses_cuda_graphs({}) and not uses_cuda_graphs(None)
     assert not uses_cuda_graphs({"mode": "max-autotune-no-cudagraphs"})
+
+
+def test_the_compile_setting_is_one_mlflow_param_whatever_its_form():
+    from cgc_lightning.tracking import run_params
+
+    forms = [False, True, {}, {"mode": "reduce-overhead", "dynamic": False}]
+    values = [run_params({"model": {"compile": v}})["model.compile"] for v in forms]
+    assert values == ["False", "True", "True", "dynamic=False, mode=reduce-overhead"]
