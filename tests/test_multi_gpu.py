@@ -5,7 +5,7 @@ so each rank's batches miss three tasks and one cluster, and tasks 2 and 3 are i
 DDP with ``find_unused_parameters=False`` fails at the second step if an adapter tensor got no
 gradient on a rank; the experts are stacked in one tensor per layer, so an unseen expert gets a zero
 gradient instead. The test checks, per method (dense and gathered expert paths, gradient
-checkpointing on one of them):
+checkpointing on one of them, ``torch.compile`` on one):
 
 * 3 training steps run;
 * after them the adapter tensors are bitwise identical on both ranks;
@@ -30,10 +30,11 @@ TASKS = ["qa", "nli", "sum", "ner"]
 CLUSTERS = ["reason", "extract", "reason", "extract"]  # tasks 0, 2 in one cluster; 1, 3 in the other
 STEPS = 3
 BATCH = 2  # sequences per rank per step
-#: name -> (adapter config, number of tasks, gradient checkpointing). E r <= 128 runs the dense expert path.
+#: name -> (adapter config, number of tasks, gradient checkpointing[, compile]). E r <= 128 runs the dense path.
 CASES = {
     "cgc_lora_dense": (AdapterConfig(method="cgc_lora", r=4, dropout=0.0), 4, False),  # 8 experts, E r = 32
     "cgc_lora_gathered_gc": (AdapterConfig(method="cgc_lora", r=32, dropout=0.0), 4, True),  # E r = 256
+    "cgc_lora_compiled": (AdapterConfig(method="cgc_lora", r=4, dropout=0.0), 4, False, {"backend": "aot_eager"}),
     "cgc_lora_token_gate": (AdapterConfig(method="cgc_lora", r=4, dropout=0.0, gate_input="task+token"), 4, False),
     "moelora": (AdapterConfig(method="moelora", r=4, num_experts=4, dropout=0.0), 4, False),
     "joint_lora": (AdapterConfig(method="joint_lora", r=4, dropout=0.0), 4, False),
@@ -71,7 +72,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     from datamodules.collate import Collator
 
     saved = {}
-    for name, (adapter, n_tasks, checkpointing) in CASES.items():
+    for name, (adapter, n_tasks, checkpointing, *compile) in CASES.items():
         names = TASKS if n_tasks == 4 else [f"t{i}" for i in range(n_tasks)]
         clusters = CLUSTERS if n_tasks == 4 else [CLUSTERS[i % 4] for i in range(n_tasks)]
         torch.manual_seed(0)
@@ -84,6 +85,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             warmup_ratio=0.0,
             schedule="constant",
             gradient_checkpointing=checkpointing,
+            compile=compile[0] if compile else False,
         )
         before = _adapter_state(module)
         cluster_ids = [list(dict.fromkeys(clusters)).index(c) for c in clusters]
@@ -102,6 +104,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         )
         trainer.fit(module, train_dataloaders=loader)
         assert trainer.global_step == STEPS, name
+        if compile:  # the steps ran through the compiled graph, inside DDP
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, name
         saved[name] = (before, _adapter_state(module))
     torch.save(saved, f"{out}/rank{rank}.pt")
 
@@ -121,7 +125,7 @@ def ddp_states(tmp_path_factory) -> list[dict]:
 
 def _unseen(name: str, module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Boolean masks over the adapter tensors: the slices only tasks 2 and up (in no batch) use."""
-    adapter, n_tasks, _ = CASES[name]
+    adapter, n_tasks, *_ = CASES[name]
     masks = {}
     for key, value in module_state.items():
         mask = torch.zeros_like(value, dtype=torch.bool)
