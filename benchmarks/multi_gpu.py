@@ -64,7 +64,7 @@ from benchmarks.train_step import CONFIGS, LAYOUT, SIZES, TARGETS, llama_config
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
 from cgc_lightning.inject import adapter_parameters
-from cgc_lightning.module import MultiTaskLoRAModule, token_losses
+from cgc_lightning.module import MultiTaskLoRAModule
 from datamodules.collate import Collator
 
 METHODS = ("cgc_lora", "moelora", "joint_lora", "independent_lora")
@@ -164,26 +164,6 @@ def replicas_equal(module: MultiTaskLoRAModule, device: torch.device) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
-class BenchModule(MultiTaskLoRAModule):
-    """The module with one fix for ``precision="bf16-true"``, pending in module.py (see docs/multi_gpu.md).
-
-    Under bf16-true Lightning makes bf16 the default dtype inside ``training_step``, so the per-task
-    sums that ``_per_task_loss`` starts with ``torch.zeros(n)`` come out bf16 while the float32 losses
-    are added into them: ``index_add_`` refuses. Here they are made in the losses' dtype.
-    """
-
-    def _per_task_loss(self, batch):
-        losses, mask = token_losses(
-            self(batch["input_ids"], batch["attention_mask"], batch["task_ids"]), batch["labels"]
-        )
-        n = len(self.layout.tasks)
-        per_sample, tokens = losses.sum(1), mask.sum(1).to(losses.dtype)  # (B,)
-        zeros = torch.zeros(n, device=losses.device, dtype=losses.dtype)
-        task_sum = zeros.index_add(0, batch["task_ids"], per_sample)
-        task_tokens = zeros.index_add(0, batch["task_ids"], tokens)
-        return losses.sum() / tokens.sum().clamp_min(1), task_sum, task_tokens
-
-
 def train_once(args, method: str, checkpointing: bool) -> dict:
     """One ``Trainer.fit`` of ``warmup + steps`` steps; returns the figures (the same on every rank)."""
     cuda = args.accelerator == "gpu"
@@ -198,7 +178,7 @@ def train_once(args, method: str, checkpointing: bool) -> dict:
         attn_implementation="sdpa",
     )
     with device:  # random init on the device: seconds, not a minute, at 1B
-        module = BenchModule(
+        module = MultiTaskLoRAModule(
             spec,
             adapter=ADAPTERS[method],
             task_names=list(LAYOUT.tasks),
@@ -207,6 +187,7 @@ def train_once(args, method: str, checkpointing: bool) -> dict:
             warmup_ratio=0.0,
             schedule="constant",
             gradient_checkpointing=checkpointing,
+            compile=False if args.compile == "eager" else {"mode": args.compile},
         )
     steps = args.warmup + args.steps
     rows = synthetic_rows(steps * args.batch * world, args.seq, SIZES[args.size][5])
@@ -272,7 +253,7 @@ def worker(args) -> None:
 def launch(args, devices: int, strategy: str, runs: list[str]) -> tuple[list[dict], str | None]:
     """Run one group as its own process group; returns its results and the error, if it failed."""
     flags = ["--worker", "--devices", str(devices), "--strategy", strategy, "--runs", ",".join(runs)]
-    for key in ("size", "accelerator", "batch", "seq", "warmup", "steps", "model_dir"):
+    for key in ("size", "accelerator", "batch", "seq", "warmup", "steps", "model_dir", "compile"):
         flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd = [sys.executable, "-m", "benchmarks.multi_gpu", *flags]
     if devices > 1:
@@ -302,6 +283,7 @@ def table(args, results: list[dict], errors: dict[tuple, str], world: int) -> st
     head = (
         f"size={args.size} device={where} B={args.batch}/device T={args.seq} tasks=4 clusters=2 "
         f"steps={args.steps} timed after {args.warmup} warm-up, tokens/s = B*T*devices/step time"
+        + ("" if args.compile == "eager" else f", model.compile mode={args.compile}")
     )
     width = max(10, *(len(x) + 2 for x in args.strategies.split(",")))
     cols = f"{'method':<18}{'GC':<5}{'strategy':<{width}}{'1 dev tok/s':>13}{f'{world} dev tok/s':>13}{'ratio':>8}"
@@ -354,6 +336,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 GPU, 2 CPU)")
+    ap.add_argument(
+        "--compile",
+        default="eager",
+        help="eager, or a torch.compile mode for model.compile (e.g. reduce-overhead); "
+        "the first warm-up step compiles, so give --warmup 3 or more",
+    )
     ap.add_argument("--json", default="", help="also write the results to this file")
     ap.add_argument("--verbose", action="store_true", help="print the workers' output")
     # worker-only flags, set by launch()
@@ -378,6 +366,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if m not in ADAPTERS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(ADAPTERS)}")
     args.gc_modes = [{"off": False, "on": True}[g] for g in args.gc.split(",")]
+    modes = list(torch._inductor.list_mode_options())
+    if args.compile != "eager" and args.compile not in modes:
+        ap.error(f"unknown --compile mode {args.compile!r}; choose eager or {', '.join(modes)}")
 
     def wanted(strategy: str, method: str, gc_on: bool) -> bool:
         if not args.only:

@@ -162,3 +162,36 @@ def test_ddp_batches_missing_tasks(ddp_states, name):
     # B of the experts that batches saw moved from its zero init in every layer
     seen_B = [k for k in after0 if k.endswith("lora_B")]
     assert all(after0[k].abs().sum() > 0 for k in seen_B), f"{name}: some lora_B never trained"
+
+
+def test_bf16_true_precision_trains_with_per_task_losses():
+    """``precision: bf16-true`` (the multi-GPU docs' setting) makes bf16 the default dtype inside
+    ``training_step``; the per-task loss sums must still take the float32 losses."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from cgc_lightning.hf import ModelSpec
+    from cgc_lightning.module import MultiTaskLoRAModule
+    from datamodules.collate import Collator
+
+    torch.manual_seed(0)
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=str(FIXTURE), random_init=True),
+        adapter=AdapterConfig(method="cgc_lora", r=4, dropout=0.0),
+        task_names=TASKS,
+        task_clusters=CLUSTERS,
+    )
+    loader = DataLoader(_rows(4), batch_size=2, collate_fn=Collator(0, [0, 1, 0, 1]))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-true",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 2
+    assert module._task_tokens.sum() > 0 and torch.isfinite(module._task_loss_sum).all()
