@@ -45,7 +45,7 @@ from typing import Literal
 import yaml
 
 from cgc_lightning.config import AdapterConfig
-from cgc_lightning.configs import deep_merge, read_base, section
+from cgc_lightning.configs import deep_merge, read_base, read_tool_config, section
 from cgc_lightning.metrics import LOWER_IS_BETTER
 
 MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger", "lightning.pytorch.loggers.MLFlowLogger")
@@ -87,11 +87,7 @@ class CompareConfig:
 def load_config(path: str | Path) -> tuple[CompareConfig, dict]:
     """Read a compare config; return it and its base experiment config (as a dict, overrides merged in)."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(CompareConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; a compare config has {sorted(known)}")
+    raw = read_tool_config(path, CompareConfig, "compare")
     cfg = CompareConfig(**raw)
     base = read_base(cfg.base, path)
     return cfg, deep_merge(base, cfg.overrides)

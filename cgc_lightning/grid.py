@@ -49,11 +49,13 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cgc_lightning.configs import find_base, read_tool_config
 
 METHOD_KEY = "model.adapter.method"
 ROLE_TAG, NAME_TAG, POINT_TAG, STAGE_TAG, OWNER_TAG = (
@@ -334,20 +336,12 @@ def short_names(points: list[Point]) -> dict[str, str]:
 def load(path: str | Path) -> tuple[GridConfig, dict, str]:
     """Read a grid config: the config, its base experiment config (a dict) and the base's path."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(GridConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; a grid config has {sorted(known)}")
+    raw = read_tool_config(path, GridConfig, "grid")
     if "base" not in raw:
         raise ValueError(f"{path}: no `base`; name the experiment config every point starts from")
     cfg = GridConfig(**raw)
     cfg.name = cfg.name or path.stem
-    found = next((p for p in (Path(cfg.base), path.parent / cfg.base) if p.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(
-            f"{path}: base config {cfg.base!r} not found (relative to the working dir or {path.parent})"
-        )
+    found = find_base(cfg.base, path)
     return cfg, yaml.safe_load(found.read_text()) or {}, str(found)
 
 

@@ -44,7 +44,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from cgc_lightning.config import STAGES
-from cgc_lightning.configs import deep_merge, read_base, section
+from cgc_lightning.configs import deep_merge, read_base, read_tool_config, section
 
 MLFLOW_LOGGER = "cgc_lightning.tracking.MLflowLogger"
 PARENT_TAG, STAGE_TAG, INDEX_TAG, ADAPTER_TAG = "mlflow.parentRunId", "stage", "stage.index", "stages.adapter"
@@ -162,11 +162,7 @@ def _stage_spec(value: StageSpec | dict, index: int) -> StageSpec:
 def load_config(path: str | Path, init_adapter: str | None = None) -> tuple[StagesConfig, dict]:
     """Read a stages config; return it and its base experiment config (a dict, config-wide overrides merged in)."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(StagesConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; a stages config has {sorted(known)}")
+    raw = read_tool_config(path, StagesConfig, "stages")
     if init_adapter is not None:
         raw["init_adapter"] = init_adapter
     try:
