@@ -65,6 +65,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cgc_lightning.adapters import MoELoRA
 from cgc_lightning.config import AdapterConfig, TaskLayout
 from cgc_lightning.inject import PRESETS, adapted_layers, adapter_parameters, inject_adapters
+from cgc_lightning.module import uses_cuda_graphs
 from cgc_lightning.routing import disable_adapters, route
 
 #: Model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, RoPE theta); no RoPE scaling (same cost).
@@ -392,7 +393,7 @@ def start_variant(name, base, dev, ids, tasks, ref_loss, warmup: int, lines: lis
 
 
 def train_steps(run: Run, ids: torch.Tensor, tasks: torch.Tensor, n: int) -> None:
-    graphs = "cudagraphs" in MODE_TAGS[run.mode]
+    graphs = uses_cuda_graphs({"mode": run.mode})
     for _ in range(n):
         if graphs:  # a new step: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup < 1:
         raise SystemExit("--warmup must be at least 1 (peak memory and compilation are taken there)")
     dev = args.device
-    if dev == "cpu" and any("cudagraphs" in MODE_TAGS[m] for m in modes):
+    if dev == "cpu" and any(uses_cuda_graphs({"mode": m}) for m in modes):
         raise SystemExit(f"--compile {args.compile}: CUDA graphs need --device cuda")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     lines = []
