@@ -49,7 +49,7 @@ class TaskMetric(nn.Module):
                 float(any(_normalise(p) == _normalise(r) for r in refs))
                 for p, refs in zip(predictions, references, strict=True)
             ]
-            self.mean.update(torch.tensor(hits))
+            self.mean.update(torch.tensor(hits, device=self.mean.device))
         elif isinstance(self.text, SQuAD):
             preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
             target = [

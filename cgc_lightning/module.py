@@ -428,7 +428,9 @@ class MultiTaskLoRAModule(L.LightningModule):
         scores, losses = [], []
         for t, name in enumerate(self.layout.tasks):
             metric = self.metrics[stage][t]
-            value = metric.compute()
+            # text metrics (ROUGE, BLEU, SQuAD) compute on the host whatever device they sit on, choice
+            # accuracy on the module's device: bring every value to one device before averaging
+            value = metric.compute().to(self.device, torch.float32)
             metric.reset()
             self.log(f"{stage}/{name}/{metric.name}", value, add_dataloader_idx=False)
             scores.append(value)

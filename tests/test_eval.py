@@ -58,3 +58,35 @@ def test_choices_scored_on_the_prompt_cache_equal_whole_sequences(tmp_path, fami
     assert cached.dtype == torch.float64 and cached.shape == batch["choice_example"].shape
     torch.testing.assert_close(cached, whole, rtol=1e-9, atol=1e-9)
     assert (whole < 0).all()
+
+
+def test_eval_scores_from_metrics_on_other_devices_are_averaged_on_the_module_device(tmp_path):
+    """On a GPU, choice accuracy computes on the module's device while ROUGE/BLEU/SQuAD compute on the host.
+
+    Without a GPU, the meta device stands in for the accelerator: the module reports ``meta`` as its
+    device and its choice metric returns a ``meta`` tensor, while the text metric really computes on the
+    CPU. Averaging them used to fail with "Expected all tensors to be on the same device".
+    """
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=str(FIXTURES / "tiny-llama"), random_init=True),
+        adapter=AdapterConfig(method="cgc_lora", r=2),
+        task_names=["choose", "summarise"],
+        task_metrics=["accuracy", "rouge_l"],
+    )
+    choice, text = module.metrics["val"]
+    text.update_texts(["the cat sat", "a dog"], [["the cat sat"], ["the dog ran"]])
+    rouge = float(text.compute())
+    choice.compute = lambda: torch.tensor(0.25, device="meta")
+    module._device = torch.device("meta")  # what .to("cuda") sets; no parameter is moved
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    module._log_eval("val")
+    assert set(logged) == {"val/choose/accuracy", "val/summarise/rouge_l", "val/avg/score"}
+    assert all(v.device.type == "meta" and v.dtype == torch.float32 for v in logged.values())
+    assert 0 < rouge < 1
+    # the average itself, recomputed on the host with the module back on the CPU
+    module._device = torch.device("cpu")
+    choice.compute = lambda: torch.tensor(0.25)
+    text.update_texts(["the cat sat", "a dog"], [["the cat sat"], ["the dog ran"]])
+    module._log_eval("val")
+    torch.testing.assert_close(logged["val/avg/score"], torch.tensor((0.25 + rouge) / 2), rtol=1e-6, atol=1e-6)
