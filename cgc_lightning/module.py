@@ -364,7 +364,8 @@ class MultiTaskLoRAModule(L.LightningModule):
         B = batch["target_index"].shape[0]
         counts = torch.bincount(example, minlength=B)
         position = torch.arange(len(example), device=example.device) - (counts.cumsum(0) - counts)[example]
-        scores = torch.full((B, int(counts.max())), -torch.inf, device=loglik.device)
+        # the log-likelihoods' dtype, not the default one (bf16 under precision="bf16-true")
+        scores = torch.full((B, int(counts.max())), -torch.inf, device=loglik.device, dtype=loglik.dtype)
         scores[example, position] = loglik  # (B, max choices)
         return scores.argmax(1)
 

@@ -83,3 +83,13 @@ def expert_path(request, monkeypatch):
     if request.param == "gathered":
         monkeypatch.setattr(experts, "DENSE_MAX_RANK", 0)
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: without it they are skipped, saying so, rather than failing."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a machine with one)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

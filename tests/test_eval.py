@@ -90,3 +90,25 @@ def test_eval_scores_from_metrics_on_other_devices_are_averaged_on_the_module_de
     text.update_texts(["the cat sat", "a dog"], [["the cat sat"], ["the dog ran"]])
     module._log_eval("val")
     torch.testing.assert_close(logged["val/avg/score"], torch.tensor((0.25 + rouge) / 2), rtol=1e-6, atol=1e-6)
+
+
+def test_choice_predictions_under_a_bf16_default_dtype(tmp_path):
+    """``precision="bf16-true"`` makes bf16 the default dtype while log-likelihoods stay float32."""
+    dm = make_dm(tmp_path, max_eval_examples=6)
+    dm.setup("validate")
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=family_dir(tmp_path, "llama"), random_init=True),
+        adapter=AdapterConfig(method="cgc_lora", r=4),
+        task_names=dm.task_names,
+        task_clusters=dm.task_clusters,
+    ).eval()
+    batch = next(iter(dm.val_dataloader()[0]))
+    with torch.no_grad():
+        expected = module._choice_predictions(batch)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # what Lightning's bf16-true precision plugin does
+        try:
+            got = module._choice_predictions(batch)
+        finally:
+            torch.set_default_dtype(default)
+    assert torch.equal(got, expected)
