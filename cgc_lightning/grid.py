@@ -24,7 +24,8 @@ overrides applied. Reordering axes, adding values or editing comments keeps it; 
 trains changes it. A point is finished when its child run is FINISHED and has every task's test metric;
 re-running a grid skips those, resumes an interrupted point from its ``last.ckpt`` in the same run, and
 starts the others afresh. Every point runs as ``grid --point <id>`` in its own process: ``--jobs N`` runs
-N of them here, ``--emit`` writes them out for a cluster scheduler.
+N of them here (on GPUs, as many per GPU as their measured memory allows: ``gpu_slots``), ``--emit`` writes
+them out for a cluster scheduler.
 
 ``data.clusters`` may be given as ``{cluster: [task, ...]}``: the point then also moves each task of
 ``data.tasks`` to its cluster (the cluster-count ablation).
@@ -454,7 +455,7 @@ def _owner_alive(run) -> bool:
 
 def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, parent_id: str) -> str:
     """Bring one point to finished, in this process: ``fit`` (resumed from ``last.ckpt`` if any), then ``test``."""
-    from cgc_lightning import cli
+    from cgc_lightning import cli, gpu_slots
     from cgc_lightning.tracking import MLflowLogger
 
     client = store.client
@@ -483,6 +484,10 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
         client.log_batch(run_id, params=params)
         run = client.get_run(run_id)
     run_id, ckpts = run.info.run_id, store.checkpoints(run)
+    # placed on a GPU by the grid: report the peak memory, by which the grid packs points onto GPUs
+    peak_report = (
+        [f"--trainer.callbacks+={gpu_slots.REPORT_CALLBACK}"] if os.environ.get(gpu_slots.MEMORY_FILE_ENV) else []
+    )
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, OWNER_TAG, f"{socket.gethostname()}:{os.getpid()}")
     common = [
@@ -492,6 +497,7 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
         f"--trainer.logger.init_args.run_id={run_id}",
         f"--trainer.logger.init_args.tracking_uri={store.tracking_uri}",
         "--trainer.enable_progress_bar=false",
+        *peak_report,
     ]
     try:
         if not test_only:
@@ -549,13 +555,41 @@ def point_command(config_path: str, point: Point, parent_id: str, tracking_uri: 
     ]
 
 
+@dataclass
+class _Job:
+    """A point's process, while it runs."""
+
+    proc: subprocess.Popen
+    index: int
+    point: Point
+    started: float
+    log: Any
+    log_from: int
+    """The log's size when this attempt started: what it wrote comes after."""
+    memory_file: Path | None = None
+    """Where the point reports its peak GPU memory (``gpu_slots.PeakMemoryReport``)."""
+
+
 def run_grid(
-    config_path: str, cfg: GridConfig, points: list[Point], store: Store, parent_id: str, *, jobs: int, gpus: list[str]
+    config_path: str,
+    cfg: GridConfig,
+    points: list[Point],
+    store: Store,
+    parent_id: str,
+    *,
+    jobs: int,
+    gpus: list[str],
+    jobs_per_gpu: int | None = None,
 ) -> bool:
-    """Run every unfinished point, ``jobs`` processes at a time; True when all points are finished."""
+    """Run every unfinished point, at most ``jobs`` processes at a time; True when all points are finished.
+
+    With ``gpus``, each point goes to the GPU ``gpu_slots.GpuSlots`` picks (by free memory and the points' measured
+    peak, or at most ``jobs_per_gpu`` per GPU) and waits while none has room; one that runs out of memory next to
+    other points is retried once.
+    """
     short = short_names(points)
     runs = child_runs(store, parent_id)
-    pending = []
+    pending: list[tuple[int, Point]] = []
     for i, p in enumerate(points, 1):
         if finished(runs.get(p.id)):
             print(f"[{i}/{len(points)}] point {p.id} {p.label(short)} skipped (finished: run {runs[p.id].info.run_id})")
@@ -563,8 +597,76 @@ def run_grid(
             pending.append((i, p))
     logs = Path(store.checkpoint_dir) / "grids" / cfg.name
     logs.mkdir(parents=True, exist_ok=True)
-    running: dict[int, tuple[subprocess.Popen, int, Point, float, Any]] = {}  # slot -> process
+    slots = None
+    if gpus:
+        from cgc_lightning import gpu_slots
+
+        slots = gpu_slots.GpuSlots(gpus, jobs_per_gpu=jobs_per_gpu)
+    memory: dict = {}
+    asked = -1e9  # when the GPUs' memory was last queried
+    running: dict[str, _Job] = {}
+    retried: set[str] = set()  # points already retried after running out of GPU memory
     failed = 0
+    said_wait = False
+
+    def name(i: int, p: Point) -> str:
+        return f"[{i}/{len(points)}] point {p.id} {p.label(short)}"
+
+    def start(i: int, p: Point, gpu: str | None) -> _Job:
+        env = dict(os.environ)
+        # N processes that each spin one thread per core on the same cores slow each other down manyfold
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        memory_file = None
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's device k is nvidia-smi's index k
+            memory_file = logs / f"{p.id}.gpu_memory.json"
+            memory_file.unlink(missing_ok=True)
+            env[gpu_slots.MEMORY_FILE_ENV] = str(memory_file)
+        log = open(logs / f"{p.id}.log", "a")  # noqa: SIM115 (closed when the process ends)
+        proc = subprocess.Popen(
+            point_command(config_path, p, parent_id, store.tracking_uri), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        return _Job(proc, i, p, time.perf_counter(), log, log.tell(), memory_file)
+
+    def end(job: _Job) -> None:
+        nonlocal failed
+        i, p = job.index, job.point
+        took = time.perf_counter() - job.started
+        text = Path(job.log.name).read_bytes()[job.log_from :].decode(errors="replace")
+        code = job.proc.returncode
+        oom, placed = False, None
+        if slots is not None:
+            peak = gpu_slots.read_report(job.memory_file)
+            if peak is not None:  # a point that finished has been through every allocation it makes
+                slots.report(p.id, peak[0], peak[1] or code == 0)
+            oom = code != 0 and gpu_slots.is_out_of_memory(text)
+            placed = slots.end(p.id, out_of_memory=oom)
+        retry = oom and placed.others and p.id not in retried
+        if oom:
+            how = (
+                "alone on a GPU"
+                if jobs_per_gpu is not None
+                else f"with a larger memory estimate ({gpu_slots.gib(slots.estimate or 0)} per point)"
+            )
+            advice = gpu_slots.oom_advice(
+                f"{p.id} {p.label(short)}", placed, jobs_per_gpu=jobs_per_gpu, retrying=how if retry else None
+            )
+        if code == 0:
+            print(f"{name(i, p)} finished ({took:.0f} s)", flush=True)
+        elif retry:
+            retried.add(p.id)
+            pending.insert(0, (i, p))
+            print(f"[{i}/{len(points)}] {advice} ({took:.0f} s; log {job.log.name})", flush=True)
+        else:
+            failed += 1
+            tail = "\n    ".join(text.splitlines()[-15:])
+            print(f"{name(i, p)} failed (exit {code}, {took:.0f} s); log {job.log.name}:\n    {tail}", flush=True)
+            if oom:
+                print(f"[{i}/{len(points)}] {advice}", flush=True)
+        run = child_runs(store, parent_id, p.id).get(p.id)
+        if run is not None:
+            store.client.log_artifact(run.info.run_id, job.log.name, "grid_logs")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -572,54 +674,43 @@ def run_grid(
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         while pending or running:
-            free = [s for s in range(jobs) if s not in running]
-            while pending and free:
-                slot = free.pop(0)
-                i, p = pending.pop(0)
-                env = dict(os.environ)
-                # N processes that each spin one thread per core on the same cores slow each other down manyfold
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-                gpu = gpus[slot % len(gpus)] if gpus else None
-                if gpu is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = gpu
-                log = open(logs / f"{p.id}.log", "a")  # noqa: SIM115 (closed when the process ends)
-                proc = subprocess.Popen(
-                    point_command(config_path, p, parent_id, store.tracking_uri),
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                running[slot] = (proc, i, p, time.perf_counter(), log)
-                where = f" on GPU {gpu}" if gpu is not None else ""
-                print(f"[{i}/{len(points)}] point {p.id} {p.label(short)} running{where}", flush=True)
+            if slots is not None and pending and len(running) < jobs and time.perf_counter() - asked > 2:
+                memory, asked = gpu_slots.query_gpus(gpus), time.perf_counter()
+            # first come, first placed: a point that waits for room holds back the ones behind it
+            while pending and len(running) < jobs:
+                i, p = pending[0]
+                gpu = None
+                if slots is not None:
+                    gpu = slots.choose(memory, alone=p.id in retried and jobs_per_gpu is not None)
+                    if gpu is None:
+                        if not said_wait:
+                            print(f"{name(i, p)} {slots.waiting(memory)}", flush=True)
+                            said_wait = True
+                        break
+                    slots.start(p.id, gpu, alone=p.id in retried and jobs_per_gpu is not None)
+                pending.pop(0)
+                running[p.id] = start(i, p, gpu)
+                said_wait = False
+                where = f" on {slots.where(gpu, memory.get(gpu))}" if slots is not None else ""
+                print(f"{name(i, p)} running{where}", flush=True)
             time.sleep(0.5)
-            for slot, (proc, i, p, start, log) in list(running.items()):
-                if proc.poll() is None:
+            for job in list(running.values()):
+                if slots is not None and (peak := gpu_slots.read_report(job.memory_file)) is not None:
+                    slots.report(job.point.id, *peak)
+                if job.proc.poll() is None:
                     continue
-                log.close()
-                del running[slot]
-                took = time.perf_counter() - start
-                if proc.returncode == 0:
-                    print(f"[{i}/{len(points)}] point {p.id} {p.label(short)} finished ({took:.0f} s)", flush=True)
-                else:
-                    failed += 1
-                    tail = "\n    ".join(Path(log.name).read_text(errors="replace").splitlines()[-15:])
-                    print(
-                        f"[{i}/{len(points)}] point {p.id} {p.label(short)} failed (exit {proc.returncode}, "
-                        f"{took:.0f} s); log {log.name}:\n    {tail}",
-                        flush=True,
-                    )
-                run = child_runs(store, parent_id, p.id).get(p.id)
-                if run is not None:
-                    store.client.log_artifact(run.info.run_id, log.name, "grid_logs")
+                job.log.close()
+                del running[job.point.id]
+                end(job)
+                asked, said_wait = -1e9, False  # a GPU has freed up: look again
     except KeyboardInterrupt:
-        for proc, *_ in running.values():
-            proc.terminate()
-        for proc, *_ in running.values():
+        for job in running.values():
+            job.proc.terminate()
+        for job in running.values():
             try:
-                proc.wait(timeout=30)
+                job.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                job.proc.kill()
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -836,7 +927,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="grid config (YAML), e.g. experiments/grids/tiny.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the expanded points and their count; run nothing")
     p.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own process (default 1)")
-    p.add_argument("--gpus", help="GPU ids handed out round-robin to the jobs (default: every visible GPU)")
+    p.add_argument(
+        "--gpus",
+        help="GPU ids to place points on, by free memory and each point's measured peak (default: every visible GPU)",
+    )
+    p.add_argument(
+        "--jobs-per-gpu",
+        type=int,
+        help="at most this many points per GPU, in place of the measured memory (lower it after an out-of-memory)",
+    )
     p.add_argument("--summary", action="store_true", help="only summarise the grid's existing runs")
     p.add_argument("--emit", choices=["shell", "slurm"], help="print one command per unfinished point, for a scheduler")
     p.add_argument("--point", help="run this one point (by id) in this process")
@@ -849,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
+        p.error(f"--jobs-per-gpu must be at least 1, got {args.jobs_per_gpu}")
     cfg, base, base_path = load(args.config)
     points, notes = expand(cfg, base)
     if not points:
@@ -883,13 +984,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     client.log_text(parent, Path(args.config).read_text(), "grid.yaml")
     client.update_run(parent, status="RUNNING")
+    gpus = visible_gpus(args.gpus)
+    if all(get_key(pt.config, "trainer.accelerator") == "cpu" for pt in points):
+        gpus = []  # placing CPU points by GPU memory would only hold them back
+    if gpus:
+        per_gpu = f"at most {args.jobs_per_gpu}" if args.jobs_per_gpu else "as many as fit in free memory"
+        notes.append(f"GPU(s) {','.join(gpus)}, {per_gpu} per GPU")
+    elif args.jobs_per_gpu:
+        notes.append("no GPUs: --jobs-per-gpu has nothing to do")
     print(
         f"grid {cfg.name}: {len(points)} point(s), parent run {parent}, {args.jobs} at a time"
         + "".join(f"; {n}" for n in notes)
     )
     ok = False
     try:
-        ok = run_grid(args.config, cfg, points, store, parent, jobs=args.jobs, gpus=visible_gpus(args.gpus))
+        ok = run_grid(
+            args.config, cfg, points, store, parent, jobs=args.jobs, gpus=gpus, jobs_per_gpu=args.jobs_per_gpu
+        )
         report(cfg, points, store, parent, Path(args.out) if args.out else None)
     except KeyboardInterrupt:
         client.set_terminated(parent, "KILLED")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import itertools
 import os
 import signal
 import subprocess
@@ -320,8 +321,11 @@ def test_summary_without_a_baseline_leaves_delta_m_empty(tmp_path):
     assert grid.format_text(s).splitlines()[-1].split()[-1] == "-"
 
 
-def test_jobs_run_at_once_with_gpus_round_robin(tmp_path, monkeypatch):
-    """``--jobs 2`` keeps two point processes going, each pinned to one GPU in turn."""
+def test_jobs_run_at_once_one_point_per_gpu_until_a_peak_is_known(tmp_path, monkeypatch):
+    """``--jobs 2`` keeps two point processes going, each pinned to a GPU of its own (these report no peak memory,
+    so no GPU takes a second; packing by memory is tested in test_grid_gpus.py)."""
+    from cgc_lightning import gpu_slots
+
     monkeypatch.chdir(tmp_path)
     points, _ = points_of(axes={"seed_everything": [1, 2, 3, 4, 5]})
     cfg = GridConfig(base="unused", name="sched", experiment_name="sched")
@@ -335,13 +339,16 @@ def test_jobs_run_at_once_with_gpus_round_robin(tmp_path, monkeypatch):
     monkeypatch.setattr(
         grid, "point_command", lambda _c, p, _p, _u: [sys.executable, "-c", script, str(tmp_path / f"{p.id}.out")]
     )
+    monkeypatch.setattr(gpu_slots, "query_gpus", lambda ids: dict.fromkeys(ids))
     assert not grid.run_grid("g.yaml", cfg, points, store, parent, jobs=2, gpus=["0", "1"])  # no test metrics
     out = [(tmp_path / f"{p.id}.out").read_text().split() for p in points]
-    assert [o[0] for o in out] == ["0", "1", "0", "1", "0"]  # each slot keeps its GPU
+    assert [o[0] for o in out[:2]] == ["0", "1"] and {o[0] for o in out} == {"0", "1"}
     assert {o[3] for o in out} == {str(max(1, (os.cpu_count() or 1) // 2))}, "the cores are shared out, not fought over"
     spans = [(float(a), float(b)) for _, a, b, _ in out]
     overlap = lambda t: sum(a <= t < b for a, b in spans)  # noqa: E731
     assert max(overlap(a) for a, _ in spans) == 2, "two at a time, never three"
+    for (g, a, b), (h, c, d) in itertools.combinations([(o[0], float(o[1]), float(o[2])) for o in out], 2):
+        assert g != h or b <= c or d <= a, "two points at once on one GPU"
 
 
 def test_visible_gpus(monkeypatch):
