@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from cgc_lightning.cache import build_once
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +86,31 @@ def _gguf_cache(spec: ModelSpec, location: str) -> tuple[Path, Path]:
 
 
 def _convert_gguf(spec: ModelSpec, location: str) -> str:
-    """Convert a GGUF model once to a safetensors folder (model + tokenizer) and return that folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Convert a GGUF model once to a safetensors folder (model + tokenizer) and return that folder.
 
+    Safe when several processes start at once on an empty cache: one converts, the others wait and reuse it.
+    """
     gguf, target = _gguf_cache(spec, location)
-    if (target / "config.json").is_file():
-        return str(target)
-    log.warning("converting %s to safetensors in %s (once; later runs load the converted copy)", gguf, target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except ImportError as e:
-        raise ModelLoadError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
-    # transformers dequantizes GGUF tensors to plain float Linear weights but keeps a GGUF "quantizer"
-    # marker, which refuses save_pretrained; the weights themselves are ordinary, so drop the marker.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache behind
+
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.warning("converting %s to safetensors in %s (once; later runs load the converted copy)", gguf, target)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except ImportError as e:
+            raise ModelLoadError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
+        # transformers dequantizes GGUF tensors to plain float Linear weights but keeps a GGUF "quantizer"
+        # marker, which refuses save_pretrained; the weights themselves are ordinary, so drop the marker.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    build_once(target, convert, marker="config.json")
     return str(target)
 
 

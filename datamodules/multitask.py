@@ -13,6 +13,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader
 
+from cgc_lightning.cache import build_once
 from cgc_lightning.hf import ModelSpec, load_tokenizer
 from datamodules.collate import Collator, encode
 from datamodules.errors import DataError
@@ -185,27 +186,32 @@ class MultiTaskDataModule(L.LightningDataModule):
                     )
         datasets.disable_progress_bars()
         cache = Path(self.cache_dir) / f"{spec.name}-{self._cache_key(spec, origin)}"
-        if (cache / "dataset_dict.json").is_file():
+        out: dict[str, list] = {}
+
+        def tokenise(tmp: Path) -> None:
+            truncated = 0
+            for split, rows_ in split_rows(rows, spec.name, self.seed, self.val_fraction, self.test_fraction).items():
+                out[split], n_trunc = encode(self.tokenizer, rows_, task_id, self.max_length, self.target_prefix)
+                truncated += n_trunc
+            if truncated == len(rows):
+                raise DataError(
+                    f"task {spec.name!r}: data.max_length={self.max_length} truncates every target; raise max_length"
+                )
+            if truncated:
+                log.warning(
+                    "task %r: %d of %d targets are longer than max_length=%d and were truncated",
+                    spec.name,
+                    truncated,
+                    len(rows),
+                    self.max_length,
+                )
+            datasets.DatasetDict({s: datasets.Dataset.from_list(out[s]) for s in SPLITS}).save_to_disk(str(tmp))
+
+        # one process tokenises and writes; any other (now or later) reads back what it wrote
+        if not build_once(cache, tokenise, marker="dataset_dict.json"):
             self.cache_hits += 1
             dd = datasets.load_from_disk(str(cache))
             return {s: dd[s].to_list() for s in SPLITS}
-        out, truncated = {}, 0
-        for split, split_rows_ in split_rows(rows, spec.name, self.seed, self.val_fraction, self.test_fraction).items():
-            out[split], n_trunc = encode(self.tokenizer, split_rows_, task_id, self.max_length, self.target_prefix)
-            truncated += n_trunc
-        if truncated == len(rows):
-            raise DataError(
-                f"task {spec.name!r}: data.max_length={self.max_length} truncates every target; raise max_length"
-            )
-        if truncated:
-            log.warning(
-                "task %r: %d of %d targets are longer than max_length=%d and were truncated",
-                spec.name,
-                truncated,
-                len(rows),
-                self.max_length,
-            )
-        datasets.DatasetDict({s: datasets.Dataset.from_list(out[s]) for s in SPLITS}).save_to_disk(str(cache))
         log.info(
             "task %r: %s, tokenised and cached in %s", spec.name, ", ".join(f"{len(out[s])} {s}" for s in SPLITS), cache
         )
