@@ -271,14 +271,16 @@ class PeakMemoryReport(Callback):
         self.settle_steps, self.every_n_steps = settle_steps, every_n_steps
         self.validated = self.settled = False
 
-    def write(self, settled: bool = False) -> None:
+    def write(self, settled: bool = False) -> int:
+        """Write the peak so far (bytes) and return it; 0 without CUDA."""
         peak = _peak_reserved()
         if not self.path or not peak:
-            return
+            return peak
         self.settled = self.settled or settled
         tmp = Path(f"{self.path}.tmp")
         tmp.write_text(json.dumps({"peak": peak, "settled": self.settled}))
         tmp.replace(self.path)  # the scheduler never reads half a file
+        return peak
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.settled or batch_idx % self.every_n_steps == 0:
@@ -289,7 +291,9 @@ class PeakMemoryReport(Callback):
         self.write(trainer.global_step >= self.settle_steps)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.write(settled=True)
+        peak = self.write(settled=True)
+        if peak and trainer.logger is not None:  # beside the point's metrics: grids compare memory too
+            trainer.logger.log_metrics({"system/gpu_peak_memory_gib": peak / GIB}, step=trainer.global_step)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self.write(settled=True)

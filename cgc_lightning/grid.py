@@ -635,7 +635,7 @@ def run_grid(
         took = time.perf_counter() - job.started
         text = Path(job.log.name).read_bytes()[job.log_from :].decode(errors="replace")
         code = job.proc.returncode
-        oom, placed = False, None
+        oom, placed, peak = False, None, None
         if slots is not None:
             peak = gpu_slots.read_report(job.memory_file)
             if peak is not None:  # a point that finished has been through every allocation it makes
@@ -653,7 +653,8 @@ def run_grid(
                 f"{p.id} {p.label(short)}", placed, jobs_per_gpu=jobs_per_gpu, retrying=how if retry else None
             )
         if code == 0:
-            print(f"{name(i, p)} finished ({took:.0f} s)", flush=True)
+            memory = f", peak {gpu_slots.gib(peak[0])} of GPU memory" if peak is not None else ""
+            print(f"{name(i, p)} finished ({took:.0f} s{memory})", flush=True)
         elif retry:
             retried.add(p.id)
             pending.insert(0, (i, p))

@@ -255,8 +255,11 @@ def test_peak_report_settles_after_steps_and_a_validation(tmp_path, monkeypatch)
     no_val = gpu_slots.PeakMemoryReport(str(tmp_path / "b.json"))
     no_val.on_train_batch_end(SimpleNamespace(global_step=5), None, None, None, 4)
     assert gpu_slots.read_report(tmp_path / "b.json")[1] is False, "no validation yet"
+    logged = []
+    trainer.logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((metrics, step)))
     no_val.on_fit_end(trainer, None)
     assert gpu_slots.read_report(tmp_path / "b.json")[1] is True
+    assert logged == [({"system/gpu_peak_memory_gib": 6.0}, 2)], "the peak goes to the run as well"
 
 
 def test_no_report_without_cuda_or_a_path(tmp_path, monkeypatch):
@@ -376,7 +379,7 @@ def test_a_point_placed_on_a_gpu_reports_its_peak_from_fit_and_test(tmp_path, mo
     written, write = [], gpu_slots.PeakMemoryReport.write
     monkeypatch.setattr(gpu_slots, "_peak_reserved", lambda: 3 * GIB)  # no CUDA here
     monkeypatch.setattr(
-        gpu_slots.PeakMemoryReport, "write", lambda self, settled=False: [written.append(settled), write(self, settled)]
+        gpu_slots.PeakMemoryReport, "write", lambda self, settled=False: written.append(settled) or write(self, settled)
     )
     monkeypatch.setenv(gpu_slots.MEMORY_FILE_ENV, str(tmp_path / "mem.json"))
     cfg, base, base_path = grid.load("experiments/grids/tiny.yaml")  # 4 steps, validation every 2
