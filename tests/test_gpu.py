@@ -395,7 +395,7 @@ def test_merged_and_peft_exported_tasks_match_routed_logits_on_gpu(experiment, t
     with torch.no_grad():
         for _, p in module.named_parameters():
             if p.requires_grad:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.1)
     tokens = module.tokenizer(["Is the following sentence plausible? Joao Moutinho caught the screen pass."] * 2)
     x = torch.tensor(tokens["input_ids"], device="cuda")  # (2, T)
 
@@ -412,12 +412,18 @@ def test_merged_and_peft_exported_tasks_match_routed_logits_on_gpu(experiment, t
         routed = logits(model, task_ids)
         reference = logits(model.float(), task_ids)  # bf16 -> fp32 is exact: the same weights, computed in fp32
         model.to(torch.bfloat16)
-        noise = rel_error(routed, reference)  # what bf16 arithmetic alone costs the routed model
-        assert rel_error(routed, plain) > 10 * noise, "the adapters change the output far beyond rounding"
+        # what bf16 arithmetic alone costs the routed model: about 4% of the logits' norm over 30 layers
+        noise = rel_error(routed, reference)
+        assert rel_error(routed, plain) > 3 * noise, "the adapters change the output far beyond rounding"
         merge_task(model, task)
         merged = logits(model, task_ids)  # the task's update folded into the (bf16) base weights
         unmerge(model)
-        assert rel_error(merged, reference) < 3 * noise + 1e-3, (task, rel_error(merged, reference), noise)
+        assert rel_error(merged, reference) < 2 * noise, (task, rel_error(merged, reference), noise)
         peft_model = PeftModel.from_pretrained(load_model(module.model_spec), export_peft(model, task, tmp_path / task))
         exported = logits(peft_model.cuda().eval())
-        assert rel_error(exported, reference) < 3 * noise + 1e-3, (task, rel_error(exported, reference), noise)
+        assert rel_error(exported, reference) < 2 * noise, (task, rel_error(exported, reference), noise)
+        print(
+            f"{task}: relative error against fp32 of routed {noise:.4f}, merged {rel_error(merged, reference):.4f}, "
+            f"PEFT export {rel_error(exported, reference):.4f}; the adapters move the logits by "
+            f"{rel_error(routed, plain):.3f}"
+        )
