@@ -20,6 +20,29 @@ class SigkillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class HangAt(Callback):
+    """At step ``step``, the first process to claim ``token`` writes its MLflow run id there and hangs until killed.
+
+    A machine lost in the middle of a fit, at a moment the test chooses instead of one it races for: the test
+    waits for the token, then kills. Later processes (a resumed run) find the token taken and run on.
+    """
+
+    def __init__(self, step: int, token: str):
+        self.step, self.token = step, token
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        try:
+            fd = os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, trainer.logger.run_id.encode())
+        os.close(fd)
+        while True:
+            time.sleep(1)
+
+
 class PoisonAt(Callback):
     """Before optimizer step ``step + 1``, fill the frozen embedding with inf: that step's loss is NaN."""
 

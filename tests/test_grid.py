@@ -374,10 +374,15 @@ def test_killed_grid_resumes_to_four_finished_runs(tmp_path):
 
     (tmp_path / "tests").symlink_to(ROOT / "tests")
     (tmp_path / "experiments").symlink_to(ROOT / "experiments")
-    # the shipped tiny grid with longer fits: 8 steps between the first last.ckpt (step 4) and the end of a fit
-    # leave time to kill a point in the middle of it
+    # the shipped tiny grid with longer fits; one point hangs at step 6 (after its last.ckpt of step 4) until the
+    # kill, so the kill always lands in the middle of a fit, however fast or busy the machine
+    token = tmp_path / "hanging_run"
     config = yaml.safe_load((ROOT / "experiments" / "grids" / "tiny.yaml").read_text())
-    config["overrides"] |= {"trainer.max_steps": 12, "trainer.val_check_interval": 4}
+    config["overrides"] |= {
+        "trainer.max_steps": 12,
+        "trainer.val_check_interval": 4,
+        "trainer.callbacks": [{"class_path": "tests.crash.HangAt", "init_args": {"step": 6, "token": str(token)}}],
+    }
     (tmp_path / "slow_tiny.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "cgc_lightning", "grid", "--config", "slow_tiny.yaml", "--jobs", "2"]
     out = tmp_path / "first.out"
@@ -385,18 +390,12 @@ def test_killed_grid_resumes_to_four_finished_runs(tmp_path):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
-        seen, interrupted = None, None
         deadline = time.time() + 400
-        while interrupted is None and proc.poll() is None and time.time() < deadline:
+        # one point hangs mid-fit and another has finished: the moment a lost machine would leave behind
+        while not (token.is_file() and " finished (" in out.read_text()) and time.time() < deadline:
+            assert proc.poll() is None, f"the grid ended before it could be interrupted:\n{out.read_text()[-3000:]}"
             time.sleep(0.2)
-            ckpts = set(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
-            if seen is None and " finished (" in out.read_text():
-                seen = ckpts  # the first point is done; the next checkpoint is a point in the middle of its fit
-            elif seen is not None and ckpts - seen:
-                interrupted = sorted(ckpts - seen)[0]
-                time.sleep(0.3)  # let the checkpoint be written out whole (a torn one is restarted, not resumed)
-        assert proc.poll() is None, f"the grid ended before it could be interrupted:\n{out.read_text()[-3000:]}"
-        assert interrupted is not None, out.read_text()[-3000:]
+        assert token.is_file() and " finished (" in out.read_text(), out.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the grid and every point process, as a lost machine would
@@ -405,8 +404,9 @@ def test_killed_grid_resumes_to_four_finished_runs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("tiny-grid").experiment_id
     before = {r.info.run_id: r for r in client.search_runs([exp], "tags.`grid.role` = 'point'")}
-    resumed_run = interrupted.parent.parent.name
+    resumed_run = token.read_text()
     assert before[resumed_run].info.status == "RUNNING" and before[resumed_run].data.tags["grid.stage"] == "fit"
+    (interrupted,) = tmp_path.glob(f"outputs/*/{resumed_run}/checkpoints/last.ckpt")
     done_before = {r.data.tags["grid.point_id"] for r in before.values() if grid.finished(r)}
     assert done_before, "at least one point finished before the kill"
 
