@@ -7,6 +7,7 @@ No adapter math lives here: the model is loaded by :mod:`cgc_lightning.hf`, adap
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from typing import Literal
@@ -20,10 +21,12 @@ from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
 from cgc_lightning.export import init_from_adapter
 from cgc_lightning.hf import ModelSpec, load_model, load_tokenizer
 from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adapters, is_adapter_param, param_report
+from cgc_lightning.loss import lean_loss_unsupported, target_token_losses
 from cgc_lightning.metrics import TaskMetric
 from cgc_lightning.routing import route
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 def rng_states() -> dict:
@@ -141,6 +144,10 @@ class MultiTaskLoRAModule(L.LightningModule):
             one graph. Worth it where the host issuing operations, not the GPU, sets the pace (small
             models or batches, see docs/benchmarks.md); the first steps pay the compilation.
             Validation, test and generation stay eager.
+        loss_chunk_size: the loss runs the LM head on the target positions only, this many at a time under
+            activation checkpointing, so no full-vocabulary logits of the batch are ever held
+            (:mod:`cgc_lightning.loss`); per-task losses are the same. ``null`` runs the model's own head on
+            every position (the plain path, also taken for heads the lean loss does not know).
     """
 
     #: The keyword arguments of ``torch.compile`` that ``compile`` accepts.
@@ -161,9 +168,14 @@ class MultiTaskLoRAModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 16,
         compile: bool | dict = False,
+        loss_chunk_size: int | None = 4096,
     ):
         super().__init__()
         compile_kwargs = compile_options(compile)
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(
+                f"model.loss_chunk_size must be a positive number of positions or null, got {loss_chunk_size}"
+            )
         model = ModelSpec(**model) if isinstance(model, dict) else model
         adapter = AdapterConfig() if adapter is None else adapter
         adapter = AdapterConfig(**adapter) if isinstance(adapter, dict) else adapter
@@ -193,6 +205,7 @@ class MultiTaskLoRAModule(L.LightningModule):
                 "gradient_checkpointing": gradient_checkpointing,
                 "max_new_tokens": max_new_tokens,
                 "compile": compile if isinstance(compile, bool) else dict(compile),
+                "loss_chunk_size": loss_chunk_size,
             },
             logger=False,
         )  # MLflowConfigCallback logs params under stable, flat names
@@ -228,9 +241,16 @@ class MultiTaskLoRAModule(L.LightningModule):
                 # HF's hook marks the embeddings' output as requiring grad, which only reentrant
                 # checkpointing needs; inside a compiled graph it forces a graph break
                 self.model.disable_input_require_grads()
+        unsupported = lean_loss_unsupported(self.model) if loss_chunk_size else None
+        if unsupported:
+            log.info("model.loss_chunk_size: computing the full logits, since %s", unsupported)
+        self.loss_chunk_size = None if unsupported else loss_chunk_size
+        self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
         # kept out of the module tree (a tuple, not an attribute nn.Module registers): the compiled
-        # wrapper shares self.model's parameters and must not add a second copy of their names
-        self._compiled = () if compile_kwargs is None else (torch.compile(self.model, **compile_kwargs),)
+        # wrapper shares self.model's parameters and must not add a second copy of their names.
+        # With the lean loss, training runs the decoder (hidden states) rather than the whole model.
+        compiled = self.model.get_decoder() if self.loss_chunk_size else self.model
+        self._compiled = () if compile_kwargs is None else (torch.compile(compiled, **compile_kwargs),)
         self._cuda_graphs = uses_cuda_graphs(compile_kwargs)
         # checkpoints hold adapter tensors only; the frozen base comes from model.name_or_path
         self.strict_loading = False
@@ -252,13 +272,31 @@ class MultiTaskLoRAModule(L.LightningModule):
         with route(self.model, task_ids, validate=False):
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def hidden_states(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
+        """The final hidden states ``(B, L, d)`` that the LM head reads, each sample through its own adapters."""
+        compiled = self._compiled and self.training and torch.is_grad_enabled()
+        decoder = self._compiled[0] if compiled else self.model.get_decoder()
+        with route(self.model, task_ids, validate=False):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
     def _per_task_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean target-token loss of the batch, and per-task sums of token losses and token counts."""
-        losses, mask = token_losses(
-            self(batch["input_ids"], batch["attention_mask"], batch["task_ids"]), batch["labels"]
-        )
+        labels = batch["labels"]
+        if self.loss_chunk_size:
+            losses, rows = target_token_losses(
+                self.hidden_states(batch["input_ids"], batch["attention_mask"], batch["task_ids"]),
+                self.model.get_output_embeddings(),
+                labels,
+                batch.get("loss_positions"),
+                chunk_size=self.loss_chunk_size,
+                softcap=self._softcap,
+            )  # (N,) over the batch's target tokens
+            per_sample = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)  # (B,)
+            tokens = (labels[:, 1:] != IGNORE).sum(1).to(losses.dtype)  # (B,)
+        else:
+            losses, mask = token_losses(self(batch["input_ids"], batch["attention_mask"], batch["task_ids"]), labels)
+            per_sample, tokens = losses.sum(1), mask.sum(1).to(losses.dtype)  # (B,)
         n = len(self.layout.tasks)
-        per_sample, tokens = losses.sum(1), mask.sum(1).to(losses.dtype)  # (B,)
         task_sum = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, batch["task_ids"], per_sample)
         task_tokens = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, batch["task_ids"], tokens)
         return losses.sum() / tokens.sum().clamp_min(1), task_sum, task_tokens

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from cgc_lightning.loss import loss_positions
+
 IGNORE = -100
 
 
@@ -87,6 +89,8 @@ class Collator:
             "task_ids": task_ids,
             "cluster_ids": self.task_cluster[task_ids],
         }
+        # where the loss reads the LM head (cgc_lightning.loss), found here on the host: no GPU sync for it
+        batch["loss_positions"] = loss_positions(batch["labels"])
         if not self.eval_mode:
             return batch
         prompts = [r["prompt_ids"] for r in rows]
