@@ -344,12 +344,19 @@ class MultiTaskLoRAModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k.removeprefix("model."))
         }
-        # RNG states (dropout), so a resumed run draws what the uninterrupted one would have
+        # RNG states (dropout), so a resumed run draws what the uninterrupted one would have; every rank's,
+        # since ranks with batches of other shapes have drawn different amounts (all ranks save together)
         checkpoint["rng_states"] = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, checkpoint["rng_states"])
+            checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
-            self._rng_to_restore = checkpoint["rng_states"]
+            per_rank = checkpoint.get("rng_states_per_rank") or []
+            rank = self._trainer.global_rank
+            self._rng_to_restore = per_rank[rank] if rank < len(per_rank) else checkpoint["rng_states"]
 
     def on_train_start(self) -> None:
         # restored here, not on load: building the loaders' iterators in between draws from the RNG too

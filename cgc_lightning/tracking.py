@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 
 DEFAULT_STORE = "mlruns"
@@ -178,6 +179,7 @@ class MLflowLogger(MLFlowLogger):
     def save_dir(self) -> str:
         return self.checkpoint_dir
 
+    @rank_zero_only  # as MLFlowLogger's own: other ranks have no run (callbacks call this on every rank)
     def log_metrics(self, metrics, step=None) -> None:
         if self.resume and step is not None:
             # steps between the checkpoint and the crash were logged already, with the same values (the

@@ -126,7 +126,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.splits: dict[str, list] | None = None
         self.cache_hits = 0  # tasks read back from the tokenised cache (rather than tokenised again)
         self._tokenizer = None
-        self._resume_samples = 0  # training samples of the current epoch already seen before a resume
+        self._resume_samples = 0  # training samples of the current epoch all ranks saw before a resume
 
     # ------------------------------------------------------------------ what the model needs to know
 
@@ -243,8 +243,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         train = self._build()["train"]
         sizes = [len(rows) for rows in train]
         probs = task_probabilities(sizes, self.sampling, self.temperature, [t.weight for t in self.tasks])
-        sampler = MultiTaskSampler(sizes, probs, self.samples_per_epoch or sum(sizes), seed=self.seed)
-        if 0 < self._resume_samples < len(sampler):  # a checkpoint at the end of an epoch resumes at the next one
+        trainer = getattr(self, "trainer", None)
+        ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = MultiTaskSampler(
+            sizes, probs, self.samples_per_epoch or sum(sizes), seed=self.seed, num_replicas=ranks, rank=rank
+        )
+        if 0 < self._resume_samples < sampler.total:  # a checkpoint at the end of an epoch resumes at the next one
             sampler.skip_next(self._resume_samples)
             self._resume_samples = 0
         return DataLoader(
@@ -258,12 +262,17 @@ class MultiTaskDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------ exact resume
 
     def state_dict(self) -> dict:
-        """Where the training sampler is, saved in every checkpoint: the epoch and the batches done in it."""
+        """Where the training sampler is, saved in every checkpoint: the epoch and the batches each rank did in it."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done, "batch_size": self.batch_size}
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_done": done,
+            "batch_size": self.batch_size,
+            "world_size": trainer.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("batches_done"):
@@ -272,7 +281,18 @@ class MultiTaskDataModule(L.LightningDataModule):
                     f"the checkpoint was written with data.batch_size={state.get('batch_size')}; resuming "
                     f"with {self.batch_size} would not continue the same sample order"
                 )
-            self._resume_samples = state["batches_done"] * self.batch_size
+            ranks = state.get("world_size", 1)
+            trainer = getattr(self, "trainer", None)
+            now = trainer.world_size if trainer is not None else 1
+            if ranks != now:
+                raise DataError(
+                    f"the checkpoint was written by {ranks} process(es) and this run has {now}: the sample order "
+                    f"and the epoch's length per process would not continue; resume with {ranks} device(s) "
+                    "(trainer.devices x trainer.num_nodes), or start a new run from the adapter "
+                    "(model.adapter.init_adapter)"
+                )
+            # each of the ranks consumed batches_done batches of the one global order, interleaved
+            self._resume_samples = state["batches_done"] * self.batch_size * ranks
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         collate = Collator(self.tokenizer.pad_token_id, self.task_cluster_ids, eval_mode=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 RULES = ("proportional", "temperature", "uniform")
 
@@ -41,18 +41,35 @@ def task_probabilities(
     return p / p.sum()
 
 
-class MultiTaskSampler(Sampler[int]):
-    """Yields indices into the concatenation of the tasks' training sets.
+class MultiTaskSampler(DistributedSampler):
+    """Yields indices into the concatenation of the tasks' training sets, this rank's share of them.
+
+    One global order per epoch (the same on every rank); rank ``r`` of ``R`` takes its positions
+    ``r, r + R, r + 2R, ...``, as ``DistributedSampler`` would. It shards itself (it is a
+    ``DistributedSampler``, so Lightning does not wrap it) because resuming must skip the draws that all
+    ranks together consumed, ``R`` times one rank's, which a wrapper around a single-rank sampler cannot do.
 
     Args:
         sizes: training examples per task, in concatenation order.
         probs: probability of each task.
-        num_samples: indices per epoch.
+        num_samples: indices per epoch, over all ranks.
         seed: base seed; epoch ``e`` uses ``seed + e``, so runs repeat exactly.
+        num_replicas: ranks sharing the epoch.
+        rank: this rank.
     """
 
-    def __init__(self, sizes: Sequence[int], probs: torch.Tensor, num_samples: int, seed: int = 0):
-        self.sizes, self.probs, self.num_samples, self.seed = list(sizes), probs, num_samples, seed
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        probs: torch.Tensor,
+        num_samples: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):  # no DistributedSampler.__init__: it wants a dataset and an initialised process group
+        self.sizes, self.probs, self.total, self.seed = list(sizes), probs, num_samples, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = -(-num_samples // num_replicas)  # per rank; the last draws wrap around, as DDP pads
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.epoch = 0
         self._skip = 0
@@ -61,7 +78,8 @@ class MultiTaskSampler(Sampler[int]):
         self.epoch = epoch
 
     def skip_next(self, n: int) -> None:
-        """Leave out the first ``n`` indices of the next pass only: resuming mid-epoch after ``n`` samples."""
+        """Leave out the first ``n`` draws of the global order of the next pass only: resuming mid-epoch after
+        ``n`` samples consumed by all ranks together."""
         self._skip = n
 
     def __len__(self) -> int:
@@ -69,13 +87,15 @@ class MultiTaskSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        tasks = torch.multinomial(self.probs, self.num_samples, replacement=True, generator=g).tolist()
+        tasks = torch.multinomial(self.probs, self.total, replacement=True, generator=g).tolist()
         orders = [torch.randperm(n, generator=g).tolist() for n in self.sizes]
         cursor = [0] * len(self.sizes)
-        skip, self._skip = self._skip, 0
-        for i, t in enumerate(tasks):
+        drawn = []  # the global order: every rank draws it all (cheap), then keeps its share
+        for t in tasks:
             if cursor[t] == self.sizes[t]:  # task exhausted: a new pass in a new order
                 orders[t], cursor[t] = torch.randperm(self.sizes[t], generator=g).tolist(), 0
-            if i >= skip:  # skipped draws still advance the orders, so the rest of the pass is unchanged
-                yield self.offsets[t] + orders[t][cursor[t]]
+            drawn.append(self.offsets[t] + orders[t][cursor[t]])
             cursor[t] += 1
+        drawn += drawn[: self.num_samples * self.num_replicas - len(drawn)]  # equal shares, as DDP pads
+        skip, self._skip = self._skip, 0
+        yield from drawn[skip + self.rank :: self.num_replicas]

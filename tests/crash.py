@@ -37,7 +37,7 @@ class HangAt(Callback):
             fd = os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
-        os.write(fd, trainer.logger.run_id.encode())
+        os.write(fd, (trainer.logger.run_id if trainer.global_rank == 0 else "").encode())
         os.close(fd)
         while True:
             time.sleep(1)

@@ -160,6 +160,22 @@ def test_sampler_draws_tasks_in_proportion(rule):
     assert list(sampler) != idx.tolist()
 
 
+@pytest.mark.parametrize("total", [40, 41])
+def test_ranks_share_one_global_order_and_resume_after_what_all_ranks_consumed(total):
+    sizes, probs = [7, 13, 20], torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    one = list(MultiTaskSampler(sizes, probs, total, seed=3))
+    ranks = [MultiTaskSampler(sizes, probs, total, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    streams = [list(r) for r in ranks]
+    assert len(streams[0]) == len(streams[1]) == len(ranks[0]) == -(-total // 2), "equal shares, padded as DDP does"
+    padded = one + one[: 2 * len(ranks[0]) - total]
+    assert streams[0] == padded[0::2] and streams[1] == padded[1::2], "rank r takes positions r, r + 2, ..."
+    # resuming after 3 batches of 4 on each rank: all ranks together consumed 2 x 12 draws of the global order
+    for r, sampler in enumerate(ranks):
+        sampler.skip_next(3 * 4 * 2)
+        assert list(sampler) == streams[r][12:], f"rank {r} continues where it stopped"
+        assert list(sampler) == streams[r], "the skip is for the next pass only"
+
+
 # ------------------------------------------------------------------------------- masking and batches
 
 

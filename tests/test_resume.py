@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,68 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         return state["state_dict"]
 
     a, b = weights(runs["whole"]), weights(runs["crash"])
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_ddp_sigkill_then_resume_matches_an_uninterrupted_ddp_run(tmp_path):
+    """Two processes (gloo on the CPU): a resume skips what both ranks consumed, not what one did."""
+    from mlflow import MlflowClient
+
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--grad_conflict.enabled=false"]
+    whole = fit(tmp_path, "whole", *ddp)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # at step 10 (after the last.ckpt of step 8) one rank hangs and the other waits for it in the next
+    # all-reduce; then both die at once, as on a lost machine
+    token = tmp_path / "hanging"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "cgc_lightning", "fit", *COMMON, "--trainer.logger.init_args.experiment_name=crash"]
+    args += [
+        *ddp,
+        "--trainer.callbacks+=tests.crash.HangAt",
+        "--trainer.callbacks.step=10",
+        f"--trainer.callbacks.token={token}",
+    ]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.time() + 500
+        while not token.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert token.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = fit(tmp_path, "crash", *ddp, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = {
+        name: client.search_runs([client.get_experiment_by_name(name).experiment_id]) for name in ("whole", "crash")
+    }
+    assert [len(r) for r in runs.values()] == [1, 1], "the resumed fit continues its run"
+    whole_run, crash_run = runs["whole"][0], runs["crash"][0]
+    assert crash_run.info.status == "FINISHED"
+    for key in ("train/loss", "val/avg/score"):
+        a = [(m.step, m.value) for m in client.get_metric_history(whole_run.info.run_id, key)]
+        b = [(m.step, m.value) for m in client.get_metric_history(crash_run.info.run_id, key)]
+        assert [s for s, _ in a] == [s for s, _ in b], f"{key}: the same steps, none repeated or missing"
+        torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-5, atol=0)
+
+    def weights(run):
+        ckpt = next(tmp_path.glob(f"outputs/*/{run.info.run_id}/checkpoints/last.ckpt"))
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["global_step"] == 12 and state["MultiTaskDataModule"]["world_size"] == 2
+        return state["state_dict"]
+
+    a, b = weights(whole_run), weights(crash_run)
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
