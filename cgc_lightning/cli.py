@@ -33,6 +33,31 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
 }
 _CKPT_RUN = re.compile(r"(?P<exp>[^/]+)/(?P<run>[0-9a-f]{32})/checkpoints/[^/]+\.ckpt$")
+_SECTIONS = {
+    "AdapterConfig": "model.adapter",
+    "ModelSpec": "model.model",
+    "MultiTaskLoRAModule": "model",
+    "MultiTaskDataModule": "data",
+    "TaskSpec": "data.tasks",
+}
+_OURS = tuple(str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("cgc_lightning", "datamodules"))
+
+
+def our_config_error(error: BaseException) -> str | None:
+    """What our own config checks said, under whatever jsonargparse wrapped it in, with the config section."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(error, ValueError) and tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS):
+            found = (error, type(tb.tb_frame.f_locals.get("self")).__name__)  # the innermost: it names the value
+        error = error.__cause__ or error.__context__
+    if found is None:
+        return None
+    message, section = str(found[0]), _SECTIONS.get(found[1])
+    return f"{section}: {message}" if section and not message.startswith(section) else message
 
 
 class CGCLightningCLI(LightningCLI):
@@ -70,6 +95,19 @@ class CGCLightningCLI(LightningCLI):
                 "resume_checkpoint.enable_version_counter": False,
             }
         )
+
+    def instantiate_classes(self) -> None:
+        # a bad value in the config (r: 0, lr: -1, ...) is one line naming it, not a dump of the namespace
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            ours = our_config_error(e)
+            if ours is None:
+                raise
+            sources = [str(c) for c in (self.config.get(self.subcommand, self.config).get("config") or [])]
+            where = f" (in {', '.join(sources)} and the command line)" if sources else ""
+            print(f"error: {ours}{where}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def before_instantiate_classes(self) -> None:
         # `test`/`validate` of a checkpoint written by `fit` logs into that fit's MLflow run

@@ -172,6 +172,15 @@ class MultiTaskLoRAModule(L.LightningModule):
     ):
         super().__init__()
         compile_kwargs = compile_options(compile)
+        # AdamW and the schedule would refuse these only once training starts, after the model loaded
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got lr={lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got betas={list(betas)}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got warmup_ratio={warmup_ratio}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(
                 f"model.loss_chunk_size must be a positive number of positions or null, got {loss_chunk_size}"

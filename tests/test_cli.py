@@ -125,6 +125,33 @@ def test_print_config_and_bad_keys(tmp_path):
         assert not (cwd / "outputs").exists(), "nothing ran"
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("--model.adapter.r=0", "error: model.adapter: r must be a positive integer, got r=0"),
+        ("--model.adapter.num_specific=0 --model.adapter.num_shared=0", "error: model.adapter: cgc_lora needs"),
+        ("--model.lr=-0.001", "error: model: lr must be positive, got lr=-0.001"),
+        ("--model.warmup_ratio=1", "error: model: warmup_ratio must be in [0, 1)"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_it_before_anything_is_written(tmp_path, bad, message):
+    cwd = workdir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cgc_lightning", "fit", "--config", "experiments/tiny.yaml", *bad.split()],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+    assert "experiments/tiny.yaml" in errors[0] and "Traceback" not in proc.stderr
+    assert not (cwd / "outputs").exists() and not (cwd / "mlruns").exists(), "no checkpoint folder, no MLflow run"
+
+
 class ParseOnlyCLI(CGCLightningCLI):
     def instantiate_classes(self) -> None:  # parse and validate the config; build nothing
         pass
