@@ -86,8 +86,18 @@ def read_file(path: str) -> list[dict]:
         raise DataError(f"data file {path!r}: unsupported suffix {p.suffix!r}; use one of {sorted(FILE_SUFFIXES)}")
     import datasets
 
+    size = p.stat().st_size
+    if size == 0 or (size < 65536 and not p.read_bytes().strip()):  # datasets' readers end in a bare StopIteration
+        raise DataError(f"data file {path!r} is empty: a task needs rows")
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    except Exception as e:  # malformed JSON/CSV: name the file, keep the reader's reason
+        if "corresponds to no data" in str(e):  # what datasets says of a CSV with a header and no rows
+            raise DataError(f"data file {path!r} has no rows") from e
+        raise DataError(f"data file {path!r} could not be read as {kind}: {type(e).__name__}: {e}") from e
+    if len(ds) == 0:
+        raise DataError(f"data file {path!r} has no rows")
     return ds.to_list()
 
 

@@ -268,6 +268,22 @@ def test_missing_data_file(tmp_path):
         dm.setup("fit")
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", "", "empty.jsonl' is empty: a task needs rows"),
+        ("blank.jsonl", "\n\n", "blank.jsonl' is empty: a task needs rows"),
+        ("broken.jsonl", '{"question": "a", "answer": \n', "broken.jsonl' could not be read as json"),
+        ("header.csv", "question,answer\n", "header.csv' has no rows"),
+    ],
+)
+def test_empty_or_broken_data_files_are_named(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    dm = make_dm(tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(tmp_path / name)}])
+    with pytest.raises(DataError, match=message):
+        dm.setup("fit")
+
+
 def test_task_without_examples(tmp_path):
     dm = make_dm(
         tmp_path,
