@@ -101,6 +101,11 @@ def _convert_gguf(spec: ModelSpec, location: str) -> str:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except ImportError as e:
             raise ModelLoadError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
+        except (ValueError, OSError, KeyError, IndexError) as e:  # numpy reshape, short reads, missing tensors
+            raise ModelLoadError(
+                f"GGUF file {gguf} ({gguf.stat().st_size:,} bytes) could not be read: {type(e).__name__}: {e}. "
+                "It may be truncated or corrupt (an interrupted download or copy): fetch it again"
+            ) from e
         # transformers dequantizes GGUF tensors to plain float Linear weights but keeps a GGUF "quantizer"
         # marker, which refuses save_pretrained; the weights themselves are ordinary, so drop the marker.
         model.hf_quantizer = None

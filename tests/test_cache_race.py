@@ -199,3 +199,17 @@ def test_a_waiting_process_says_whom_it_waits_for(tmp_path, monkeypatch, caplog)
     first.join()
     assert [r.getMessage() for r in caplog.records] == [f"waiting for another process building {target}"]
     assert (target / "done").read_text() == "first"
+
+
+def test_a_truncated_gguf_is_named_and_leaves_no_cache(tmp_path):
+    from cgc_lightning.hf import ModelLoadError, ModelSpec, model_location
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_tiny_gguf(folder / "tiny.gguf")
+    data = (folder / "tiny.gguf").read_bytes()
+    (folder / "tiny.gguf").write_bytes(data[: len(data) * 2 // 3])  # an interrupted download
+    spec = ModelSpec(name_or_path=str(folder), gguf_file="tiny.gguf", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=r"tiny.gguf \([0-9,]+ bytes\) could not be read.*truncated or corrupt"):
+        model_location(spec)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
