@@ -362,6 +362,17 @@ class MultiTaskLoRAModule(L.LightningModule):
             checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the base is not in checkpoints, so loading is not strict: check the adapter tensors ourselves
+        saved = set(checkpoint.get("state_dict", {}))
+        expected = {k for k in self.state_dict() if is_adapter_param(k.removeprefix("model."))}
+        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint's adapter tensors do not match this model's: {len(missing)} missing "
+                f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}. Was it written with another "
+                "model.adapter (method, r, num_shared, num_specific, target_modules) or model? Load it with the "
+                "config it was trained with (the run's config.yaml artifact)"
+            )
         if "rng_states" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
             per_rank = checkpoint.get("rng_states_per_rank") or []
             rank = self._trainer.global_rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,26 @@ def test_choice_predictions_under_a_bf16_default_dtype(tmp_path):
         finally:
             torch.set_default_dtype(default)
     assert torch.equal(got, expected)
+
+
+def test_a_checkpoint_of_other_adapters_is_refused_by_name(tmp_path):
+    """Checkpoints hold adapter tensors only and load non-strictly: the module checks the names itself."""
+
+    def module(method: str, r: int = 4) -> MultiTaskLoRAModule:
+        return MultiTaskLoRAModule(
+            ModelSpec(name_or_path=str(FIXTURES / "tiny-llama"), random_init=True),
+            adapter=AdapterConfig(method=method, r=r),
+            task_names=["a", "b"],
+            task_clusters=["x", "y"],
+        )
+
+    saved = module("cgc_lora")
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    module("cgc_lora").on_load_checkpoint(dict(checkpoint))  # the same adapters: fine
+    with pytest.raises(ValueError, match=r"0 missing \[\], \d+ unexpected .*Was it written with another"):
+        module("joint_lora").on_load_checkpoint(dict(checkpoint))
+    one_short = dict(checkpoint, state_dict=dict(list(checkpoint["state_dict"].items())[1:]))
+    dropped = next(iter(checkpoint["state_dict"]))
+    with pytest.raises(ValueError, match=rf"1 missing \['{re.escape(dropped)}'\], 0 unexpected"):
+        module("cgc_lora").on_load_checkpoint(one_short)
