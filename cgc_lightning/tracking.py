@@ -379,8 +379,16 @@ class BestAdapterArtifact(Callback):
             return
         from cgc_lightning.export import save_adapter
 
-        path = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "")
+        best, last = getattr(ckpt, "best_model_path", ""), getattr(ckpt, "last_model_path", "")
+        path = best or last
         state = None
+        # which weights best_adapter/ holds, as a tag: a run that never validated has no best checkpoint
+        source = "best checkpoint" if best else "last checkpoint" if last else "final weights (no checkpoint)"
+        if path and not Path(path).is_file():
+            source = f"final weights ({path} is gone)"
+        if source != "best checkpoint":
+            monitor = getattr(ckpt, "monitor", None)
+            warnings.warn(f"best_adapter/ holds the {source}: there is no best checkpoint by {monitor}", stacklevel=2)
         if path and Path(path).is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
             state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -395,6 +403,7 @@ class BestAdapterArtifact(Callback):
                 state_dict=state,
             )
             try:
+                logger.experiment.set_tag(logger.run_id, "best_adapter.source", source)
                 logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "best_adapter"), "best_adapter")
             except Exception as e:  # the store is unreachable: keep the adapter beside the checkpoints instead
                 keep = logger.unsent_path.parent / "best_adapter" if isinstance(logger, MLflowLogger) else None

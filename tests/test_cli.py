@@ -73,6 +73,7 @@ def test_fit_then_test_logs_everything_to_the_default_store(tmp_path):
     assert not any("/" in k for k in params), "only the stable dotted names, no duplicates from Lightning"
     tags = run.data.tags
     assert tags["method"] == "cgc_lora" and tags["seed"] == "7"
+    assert tags["best_adapter.source"] == "best checkpoint"
     assert yaml.safe_load(tags["clusters"]) == {"judge": ["plausible", "qa"], "count": ["count"]}
     assert len(tags["git_commit"].split("-")[0]) == 40 or tags["git_commit"] == "unknown"
 
