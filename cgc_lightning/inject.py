@@ -355,9 +355,11 @@ def merge_task(model: nn.Module, task: int | str) -> None:
     t = _task_index(model, task)
     for _, layer in adapted_layers(model):
         layer.merge(t)
+    routing_state(model).merged_task = t
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge_task`: base weights back to ``W0`` (within float rounding)."""
     for _, layer in adapted_layers(model):
         layer.unmerge()
+    routing_state(model).merged_task = None

@@ -47,6 +47,7 @@ class RoutingState:
         self.task_ids: torch.Tensor | None = None  # (B,)
         self.cluster_ids: torch.Tensor | None = None  # (B,)
         self.disabled = False
+        self.merged_task: int | None = None  # set by inject.merge_task: the weights then serve that task only
         self.checkpointed_modules: list[nn.Module] = []
 
     def snapshot(self) -> tuple:
@@ -167,6 +168,12 @@ def route(
                 f"task id {int(bad[0])} is out of range: this model's adapters know {n_tasks} tasks "
                 f"(0..{n_tasks - 1}: {', '.join(state.task_names)})"
             )
+    if state.merged_task is not None and bool((tasks != state.merged_task).any()):
+        other = state.task_names[int(tasks[tasks != state.merged_task][0])]
+        raise ValueError(
+            f"task {state.task_names[state.merged_task]!r} is merged into the base weights, which now serve it "
+            f"alone, but this batch routes {other!r} too: unmerge (cgc_lightning.inject.unmerge) to route tasks"
+        )
     derived = state.clusters_of(tasks)
     if cluster_ids is not None:
         clusters = torch.as_tensor(cluster_ids, dtype=torch.long, device=tasks.device)

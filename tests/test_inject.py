@@ -132,7 +132,15 @@ def test_merge_by_task_name_and_merge_errors():
     assert {layer.merged_task for _, layer in adapted_layers(model)} == {2}
     with pytest.raises(RuntimeError, match="already merged"):
         merge_task(model, "qa")
+    # merged weights serve "sum" alone: routing another task through them would silently give sum's output
+    with pytest.raises(ValueError, match="task 'sum' is merged.*this batch routes 'qa' too: unmerge"):
+        with route(model, torch.tensor([2, 0])):
+            pass
+    with torch.no_grad(), route(model, torch.tensor([2, 2])):
+        model(ids(2))
     unmerge(model)
+    with torch.no_grad(), route(model, torch.tensor([2, 0])):
+        model(ids(2))
     with pytest.raises(ValueError, match="unknown task 'nope'.*'qa', 'nli', 'sum', 'ner'"):
         merge_task(model, "nope")
     token, _, _ = adapted("llama", "cgc_lora_token")
