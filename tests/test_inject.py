@@ -137,10 +137,10 @@ def test_merge_by_task_name_and_merge_errors():
         with route(model, torch.tensor([2, 0])):
             pass
     with torch.no_grad(), route(model, torch.tensor([2, 2])):
-        model(ids(2))
+        model(ids(batch=2))
     unmerge(model)
     with torch.no_grad(), route(model, torch.tensor([2, 0])):
-        model(ids(2))
+        model(ids(batch=2))
     with pytest.raises(ValueError, match="unknown task 'nope'.*'qa', 'nli', 'sum', 'ner'"):
         merge_task(model, "nope")
     token, _, _ = adapted("llama", "cgc_lora_token")
