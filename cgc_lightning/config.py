@@ -79,6 +79,20 @@ class TaskLayout:
         return {"tasks": list(self.tasks), "clusters": list(self.clusters), "task_cluster": list(self.task_cluster)}
 
 
+#: The AdapterConfig fields each method reads besides the common ones (method, target_modules, r, alpha,
+#: dropout, rslora, exclude_modules, init_adapter): run params list these only, so runs of different
+#: methods compare without columns that mean nothing for one of them.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "cgc_lora": ("num_shared", "num_specific", "gate_input", "gate_per_layer"),
+    "moelora": ("num_experts", "split_rank", "gate_per_layer", "gate_dim"),
+    "joint_lora": (),
+    "independent_lora": (),
+    "modula_res": ("stage", "num_universal", "router_top_k", "load_balance_coef"),
+    "modula_flan": ("stage", "num_universal", "router_top_k", "load_balance_coef"),
+}
+COMMON_FIELDS = ("method", "target_modules", "r", "alpha", "dropout", "rslora", "exclude_modules", "init_adapter")
+
+
 @dataclass
 class AdapterConfig:
     """The adapter method and its hyperparameters. Fields not used by the chosen method are ignored."""

@@ -29,6 +29,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 
+from cgc_lightning.config import COMMON_FIELDS, METHOD_FIELDS
+
 DEFAULT_STORE = "mlruns"
 DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
 
@@ -296,7 +298,9 @@ def run_params(config: dict) -> dict:
     model = config.get("model", {}) or {}
     model = model.get("init_args", model)
     params: dict = {}
-    _flatten("adapter", model.get("adapter") or {}, params)
+    adapter = dict(model.get("adapter") or {})
+    used = set(COMMON_FIELDS).union(METHOD_FIELDS.get(adapter.get("method", "cgc_lora"), ()))
+    _flatten("adapter", {k: v for k, v in adapter.items() if k in used}, params)  # only what the method reads
     _flatten("model", model.get("model") or {}, params)
     for k in ("lr", "weight_decay", "warmup_ratio", "schedule", "gradient_checkpointing"):
         if k in model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -176,3 +177,23 @@ def test_every_experiment_config_parses(path, tmp_path):
         finally:
             os.chdir(cwd)
         assert built.model.layout.tasks == tuple(built.datamodule.task_names)
+
+
+@pytest.mark.parametrize("method", ["cgc_lora", "moelora", "joint_lora", "independent_lora", "modula_res"])
+def test_run_params_list_only_the_fields_the_method_reads(method):
+    from cgc_lightning.config import AdapterConfig
+    from cgc_lightning.tracking import run_params
+
+    adapter = dataclasses.asdict(AdapterConfig(method=method))
+    params = run_params({"model": {"adapter": adapter}, "seed_everything": 1})
+    logged = {k.removeprefix("adapter.") for k in params if k.startswith("adapter.")}
+    expected = {
+        "cgc_lora": {"num_shared", "num_specific", "gate_input"},
+        "moelora": {"num_experts", "split_rank", "gate_dim"},
+        "joint_lora": set(),
+        "independent_lora": set(),
+        "modula_res": {"stage", "num_universal", "load_balance_coef"},
+    }[method]
+    # the common fields that have a value (None-valued ones are not logged), then the method's own
+    assert logged == {"method", "target_modules", "r", "alpha", "dropout", "rslora", "exclude_modules"} | expected
+    assert params["method"] == method
