@@ -1,0 +1,107 @@
+"""The module's small contracts: the LR schedule, the metrics' mapping, the generation cut, predict, refusals."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torchmetrics.text import BLEUScore, ROUGEScore
+
+from cgc_lightning.config import AdapterConfig
+from cgc_lightning.hf import ModelSpec
+from cgc_lightning.metrics import TaskMetric
+from cgc_lightning.module import MultiTaskLoRAModule
+
+TINY = str(Path(__file__).parent / "fixtures" / "tiny-llama")
+
+
+def module(**kw) -> MultiTaskLoRAModule:
+    adapter = kw.pop("adapter", AdapterConfig(method="cgc_lora", r=2))
+    return MultiTaskLoRAModule(
+        ModelSpec(name_or_path=TINY, random_init=True), adapter=adapter, task_names=["a", "b"], **kw
+    )
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedule_warms_up_then_decays_as_documented(schedule):
+    m = module(lr=1e-3, warmup_ratio=0.2, schedule=schedule)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads
+    config = m.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warmup, total = 2, 10
+    expected = []
+    for step in range(10):
+        if step < warmup:
+            expected.append(1e-3 * (step + 1) / (warmup + 1))  # linear from 0, never 0 itself
+            continue
+        progress = (step - warmup) / (total - warmup)
+        expected.append(
+            1e-3
+            * {
+                "constant": 1.0,
+                "linear": 1.0 - progress,
+                "cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)),  # down to 10% of lr
+            }[schedule]
+        )
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(expected), rtol=1e-12, atol=1e-15)
+    assert lrs[warmup] == pytest.approx(1e-3), "the peak right after warm-up"
+
+
+def test_text_metrics_map_torchmetrics_results_into_zero_one():
+    preds, refs = ["The cat sat.", "a dog ran", "blue"], [["the cat sat"], ["a cat ran", "dog ran"], ["red"]]
+    em, f1 = TaskMetric("exact_match"), TaskMetric("f1")
+    for m in (em, f1):
+        m.update_texts(preds, refs)
+    # SQuAD normalisation drops case, punctuation and articles: "a dog ran" equals "dog ran"; "blue" matches
+    # nothing. torchmetrics reports percentages; ours are fractions
+    assert float(em.compute()) == pytest.approx(2 / 3)
+    assert float(f1.compute()) == pytest.approx((1 + 1 + 0) / 3)
+    f1_partial = TaskMetric("f1")
+    f1_partial.update_texts(["the big red cat"], [["red cat sat"]])  # tokens big red cat vs red cat sat
+    assert float(f1_partial.compute()) == pytest.approx(2 * (2 / 3) * (2 / 3) / (2 / 3 + 2 / 3))
+    rouge, bleu = TaskMetric("rouge_l"), TaskMetric("bleu")
+    rouge.update_texts(preds, refs)
+    bleu.update_texts(preds, refs)
+    expected_rouge = ROUGEScore(rouge_keys="rougeL")(preds, refs)["rougeL_fmeasure"]
+    expected_bleu = BLEUScore(n_gram=4, smooth=True)(preds, refs)
+    torch.testing.assert_close(rouge.compute(), expected_rouge)
+    torch.testing.assert_close(bleu.compute(), expected_bleu)
+    for m in (em, f1, rouge, bleu):
+        assert 0.0 <= float(m.compute()) <= 1.0 and m.needs_generation
+    accuracy = TaskMetric("accuracy")
+    accuracy.update_texts(["Yes.", " no", "maybe"], [["yes"], ["No"], ["perhaps"]])
+    assert float(accuracy.compute()) == pytest.approx(2 / 3), "exact match after lower-casing and a trailing '.'"
+
+
+def test_generations_are_cut_at_the_first_line_break():
+    m = module(max_new_tokens=5)
+    continuations = ["  Paris\nQuestion: next", "\n\nleading blank lines", "one line  "]
+    prompt = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    m.model.generate = lambda input_ids, **kw: torch.cat([input_ids, torch.ones(3, 2, dtype=torch.long)], 1)
+    m.tokenizer = SimpleNamespace(pad_token_id=0, batch_decode=lambda ids, **kw: continuations)
+    batch = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "task_ids": torch.tensor([0, 1, 0])}
+    assert m.generate_texts(batch) == ["Paris", "leading blank lines", "one line"]
+    batch["references"] = [["Paris"], ["x"], ["one line"]]
+    rows = m.predict_step(batch, 0, dataloader_idx=1)
+    assert rows == [
+        {"task": "b", "prediction": "Paris", "references": ["Paris"]},
+        {"task": "b", "prediction": "leading blank lines", "references": ["x"]},
+        {"task": "b", "prediction": "one line", "references": ["one line"]},
+    ], "predict names the task of its loader"
+
+
+@pytest.mark.parametrize("stage", ["universal", "domain"])
+def test_weight_decay_is_refused_where_frozen_experts_share_a_tensor(stage):
+    adapter = AdapterConfig(method="modula_res", r=2, stage=stage)
+    with pytest.raises(ValueError, match=f"stage '{stage}' freezes some experts.*set model.weight_decay: 0"):
+        module(adapter=adapter, weight_decay=0.01, task_clusters=["x", "y"])
+    module(adapter=AdapterConfig(method="modula_res", r=2, stage="router"), weight_decay=0.01)  # all frozen or not
