@@ -228,6 +228,13 @@ class MultiTaskLoRAModule(L.LightningModule):
         if adapter.init_adapter:  # the previous training stage's adapter (MoDULA), or a warm start
             init_from_adapter(self.model, adapter.init_adapter)
             self.param_report = param_report(self.model)
+        if adapter.method in MODULA_METHODS and adapter.stage == "joint":
+            log.warning(
+                "%s with model.adapter.stage: joint trains every expert and the router at once, in one stage; "
+                "MoDULA's method trains them in three (universal, domain, router): "
+                "python -m cgc_lightning stages --config <stages config> (experiments/stages/)",
+                adapter.method,
+            )
         if weight_decay and adapter.method in MODULA_METHODS and adapter.stage in ("universal", "domain"):
             raise ValueError(
                 f"stage {adapter.stage!r} freezes some experts of a stacked tensor by zeroing their gradient rows, "

@@ -105,3 +105,14 @@ def test_weight_decay_is_refused_where_frozen_experts_share_a_tensor(stage):
     with pytest.raises(ValueError, match=f"stage '{stage}' freezes some experts.*set model.weight_decay: 0"):
         module(adapter=adapter, weight_decay=0.01, task_clusters=["x", "y"])
     module(adapter=AdapterConfig(method="modula_res", r=2, stage="router"), weight_decay=0.01)  # all frozen or not
+
+
+def test_modula_in_one_joint_stage_says_it_is_not_the_three_stage_method(caplog):
+    with caplog.at_level("WARNING", logger="cgc_lightning.module"):
+        module(adapter=AdapterConfig(method="modula_res", r=2), task_clusters=["x", "y"])
+    assert "trains every expert and the router at once, in one stage" in caplog.text
+    assert "python -m cgc_lightning stages" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cgc_lightning.module"):
+        module(adapter=AdapterConfig(method="modula_res", r=2, stage="universal"), task_clusters=["x", "y"])
+    assert "in one stage" not in caplog.text
