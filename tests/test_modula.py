@@ -46,13 +46,14 @@ def naive_weights(adapter: MoDULA, x_b: torch.Tensor, cluster: int) -> torch.Ten
     """``(T, E)`` weight of every expert for every token of one sample, token by token."""
     u, E, T = adapter.num_universal, adapter.experts.num_experts, x_b.shape[0]
     w = torch.zeros(T, E, **F64)
-    if adapter.stage in ("universal", "domain"):
+    if adapter.stage == "universal":
         w[:, :u] = 1
-        if adapter.stage == "domain":
-            w[:, u + cluster] = 1
         return w
-    offset = u if adapter.variant == "res" else 0
+    offset = u if adapter.variant == "res" else 0  # Res: U always on, outside the router; Flan: U is routed
     w[:, :offset] = 1
+    if adapter.stage == "domain":  # METHODS.md 3: the router replaced by the one-hot domain label
+        w[:, u + cluster] = 1
+        return w
     for i in range(T):
         logits = adapter.router_W @ x_b[i]  # (n_routed,)
         p = torch.softmax(logits, dim=0)
@@ -123,6 +124,23 @@ def test_mixed_batch_equals_each_sample_alone(case, stage):
 def plain_lora(x, A, B, scaling):
     """The LoRA reference: s * B A x with A: (r, d_in), B: (d_out, r)."""
     return scaling * (x @ A.t() @ B.t())
+
+
+def test_domain_stage_follows_the_spec_per_variant():
+    """METHODS.md 3: the domain stage routes by the one-hot domain label. MoDULA-Res keeps its always-on
+    universal path; MoDULA-Flan's router mixes U with the domain experts, so one-hot on D_c leaves U out."""
+    x = torch.randn(3, 4, D_IN, **F64)
+    tasks, clusters = torch.tensor([0, 1, 3]), torch.tensor([TASK_CLUSTERS[t] for t in (0, 1, 3)])
+    for variant in ("res", "flan"):
+        adapter = make("domain", variant=variant)
+        randomize(adapter, seed=6)
+        A, B = adapter.experts.lora_A, adapter.experts.lora_B  # (E, r, d_in), (E, r, d_out)
+        out = adapter(x, tasks, clusters)
+        for b, c in enumerate(clusters.tolist()):
+            expected = plain_lora(x[b], A[1 + c], B[1 + c].t(), adapter.scaling)  # D_c (one universal expert)
+            if variant == "res":
+                expected = expected + plain_lora(x[b], A[0], B[0].t(), adapter.scaling)  # + U
+            assert_close(out[b], expected, rtol=1e-13, atol=1e-13)
 
 
 def test_one_expert_at_weight_one_equals_plain_lora():

@@ -15,13 +15,16 @@ No task label is needed once the router is trained. Training goes in stages (``s
 freezing what the earlier ones trained:
 
     universal:  h = W0 x + s B_U A_U x                             trains U on the whole mixture
-    domain:     h = W0 x + s B_U A_U x + s B_c A_c x,  c = c(b)   trains the domain experts not trained
-                                                                   yet, each on its own domain (one-hot)
+    domain:     the variant's equation with the router replaced    trains the domain experts not trained
+                by the one-hot domain label c = c(b):              yet, each on its own domain, U frozen
+                  Res:   h = W0 x + s B_U A_U x + s B_c A_c x
+                  Flan:  h = W0 x + s B_c A_c x                    (p = e_{D_c}: U, a routed expert, gets 0)
     router:     the variant's equation                             trains the router alone
     joint:      the variant's equation                             trains everything at once (one stage)
 
-In the ``domain`` stage both variants keep the universal path on (frozen), so that ``D_c`` learns
-what ``U`` lacks on domain ``c``; for MoDULA-Res that is its final function under a one-hot router.
+The ``domain`` stage routes by the label exactly as METHODS.md says: MoDULA-Res keeps its always-on
+universal path (so ``D_c`` learns what ``U`` lacks on domain ``c``, its final function under a one-hot
+router), while MoDULA-Flan, whose router mixes ``U`` with the domain experts, gives ``U`` no weight.
 Domain experts share a stacked tensor with the universal one, so freezing is per expert row: a
 gradient hook zeroes the frozen rows, and Adam(W) without weight decay leaves a row whose gradient
 has always been zero bit for bit unchanged.
@@ -128,9 +131,9 @@ class MoDULA(Adapter):
         self.top_k, self.load_balance_coef = top_k, float(load_balance_coef)
         self.router_W = nn.Parameter(torch.zeros(n_routed, in_features, dtype=dtype, device=device))
         u, E = num_universal, self.experts.num_experts
-        # domain stage: row c = every universal expert and domain c's, at weight 1
+        # domain stage: row c = domain c's expert at weight 1, and (Res: always on) every universal expert
         table = torch.zeros(num_domains, E, dtype=dtype, device=device)
-        table[:, :u] = 1
+        table[:, :u] = 1 if variant == "res" else 0
         table[:, u:] = torch.eye(num_domains, dtype=dtype, device=device)
         self.register_buffer("domain_table", table, persistent=False)  # (n, E)
         self.register_buffer("task_domain", torch.tensor(list(task_clusters), device=device), persistent=False)
@@ -241,15 +244,18 @@ class MoDULA(Adapter):
                 "set: call the model inside `with cgc_lightning.routing.route(model, task_ids=...):`"
             )
         u = self.num_universal
+        domain = (u + cluster_ids)[:, None]  # (B, 1)
+        if self.variant == "flan":  # the one-hot router over {U, D}: the domain's expert alone
+            return domain
         universal = torch.arange(u, device=cluster_ids.device).expand(cluster_ids.shape[0], u)  # (B, u)
-        return torch.cat([universal, (u + cluster_ids)[:, None]], dim=1)  # (B, u+1)
+        return torch.cat([universal, domain], dim=1)  # (B, u+1)
 
     def route(self, x, task_ids, cluster_ids):
         if self.stage == "universal":
             u = self.num_universal
             return torch.arange(u, device=x.device).expand(x.shape[0], u), None  # (B, u), weight 1
         if self.stage == "domain":
-            return self._domain_index(cluster_ids), None  # (B, u+1), weight 1
+            return self._domain_index(cluster_ids), None  # (B, u+1) for Res, (B, 1) for Flan; weight 1
         return None, self.router_weights(x)  # all experts, (B, T, E)
 
     def route_dense(self, x, task_ids, cluster_ids):
@@ -276,4 +282,5 @@ class MoDULA(Adapter):
         universal = torch.arange(u, device=device)
         if self.stage == "universal":
             return universal, None
-        return torch.cat([universal, u + self.task_domain[task : task + 1]]), None  # (u+1,)
+        domain = u + self.task_domain[task : task + 1]  # (1,)
+        return (domain if self.variant == "flan" else torch.cat([universal, domain])), None  # (1,) or (u+1,)
