@@ -259,7 +259,7 @@ class MultiTaskLoRAModule(L.LightningModule):
                 self.model.disable_input_require_grads()
         unsupported = lean_loss_unsupported(self.model) if loss_chunk_size else None
         if unsupported:
-            log.info("model.loss_chunk_size: computing the full logits, since %s", unsupported)
+            log.warning("model.loss_chunk_size: computing the full logits instead, since %s", unsupported)
         self.loss_chunk_size = None if unsupported else loss_chunk_size
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
         # kept out of the module tree (a tuple, not an attribute nn.Module registers): the compiled

@@ -84,3 +84,17 @@ def test_positions_from_the_batch_equal_positions_found_on_the_device():
 def test_a_bad_chunk_size_is_refused_before_the_model_loads():
     with pytest.raises(ValueError, match="loss_chunk_size must be a positive number of positions or null, got 0"):
         MultiTaskLoRAModule(ModelSpec(name_or_path="/does/not/exist"), task_names=["a"], loss_chunk_size=0)
+
+
+def test_heads_the_lean_loss_does_not_know_fall_back_loudly(tmp_path, caplog):
+    folder = Path(family_dir(tmp_path, "llama"))
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    for f in folder.iterdir():
+        (scaled / f.name).write_bytes(f.read_bytes())
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps(config | {"logit_scale": 0.5}))  # Cohere-style scaled logits
+    with caplog.at_level("WARNING", logger="cgc_lightning.module"):
+        module = MultiTaskLoRAModule(ModelSpec(name_or_path=str(scaled), random_init=True), task_names=["a"])
+    assert module.loss_chunk_size is None
+    assert "computing the full logits instead, since its config scales the logits (logit_scale=0.5)" in caplog.text
