@@ -109,6 +109,12 @@ class CGCLightningCLI(LightningCLI):
             print(f"error: {ours}{where}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def after_validate(self) -> None:
+        print_results(self.model.results.get("val", []), "validate")
+
+    def after_test(self) -> None:
+        print_results(self.model.results.get("test", []), "test")
+
     def before_instantiate_classes(self) -> None:
         # `test`/`validate` of a checkpoint written by `fit` logs into that fit's MLflow run
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -118,6 +124,9 @@ class CGCLightningCLI(LightningCLI):
         if init is not None and "mlflow" in str(getattr(logger, "class_path", "")).lower():
             # a tracking server that is down fails the run here, before the model loads
             check_tracking_uri(getattr(init, "tracking_uri", None) or default_tracking_uri())
+        if self.subcommand in ("test", "validate"):
+            # Lightning's table repeats every task's metrics under every dataloader's column; ours is a row each
+            cfg.verbose = False
         if self.subcommand == "fit" and ckpt == "last":
             cfg.ckpt_path = ckpt = find_last_checkpoint(cfg)
         if self.subcommand in ("test", "validate", "predict", "fit") and ckpt and not isinstance(logger, bool):
@@ -126,6 +135,20 @@ class CGCLightningCLI(LightningCLI):
             if m and init is not None and getattr(init, "run_id", None) is None:
                 init.run_id = m.group("run")
                 init.resume = self.subcommand == "fit"
+
+
+def print_results(rows: list[tuple], title: str) -> None:
+    """One row per task: its metric, the value and the loss, then the average over tasks."""
+    if not rows:
+        return
+    width = max(len("task"), len("average"), *(len(t) for t, *_ in rows))
+    lines = [f"{title} results", f"{'task':<{width}}  {'metric':<12} {'value':>8} {'loss':>8}"]
+    for task, metric, value, loss in rows:
+        loss_text = f"{float(loss):>8.4f}" if loss is not None else f"{'-':>8}"
+        lines.append(f"{task:<{width}}  {metric:<12} {float(value):>8.4f} {loss_text}")
+    mean = sum(float(v) for _, _, v, _ in rows) / len(rows)
+    lines.append(f"{'average':<{width}}  {'score':<12} {mean:>8.4f}")
+    print("\n".join(lines), flush=True)
 
 
 def find_last_checkpoint(cfg) -> str:

@@ -278,6 +278,7 @@ class MultiTaskLoRAModule(L.LightningModule):
         self.nonfinite: dict | None = None  # the last training loss's NaN/inf flag, for RunGuard
         self.register_buffer("_task_tokens", torch.zeros(n), persistent=False)
         self._eval_loss: dict[str, torch.Tensor] = {}
+        self.results: dict[str, list[tuple]] = {}  # the last evaluation's per-task rows, by stage
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -499,6 +500,7 @@ class MultiTaskLoRAModule(L.LightningModule):
     def _log_eval(self, stage: str) -> None:
         acc = self._eval_loss.pop(stage, None)
         scores, losses = [], []
+        self.results[stage] = rows = []  # (task, metric, value, loss) for the CLI's results table
         for t, name in enumerate(self.layout.tasks):
             metric = self.metrics[stage][t]
             # text metrics (ROUGE, BLEU, SQuAD) compute on the host whatever device they sit on, choice
@@ -507,10 +509,12 @@ class MultiTaskLoRAModule(L.LightningModule):
             metric.reset()
             self.log(f"{stage}/{name}/{metric.name}", value, add_dataloader_idx=False)
             scores.append(value)
+            loss = None
             if acc is not None and acc[1, t] > 0:
                 loss = acc[0, t] / acc[1, t]
                 self.log(f"{stage}/{name}/loss", loss, add_dataloader_idx=False)
                 losses.append(loss)
+            rows.append((name, metric.name, value, loss))
         self.log(f"{stage}/avg/score", torch.stack(scores).mean(), prog_bar=True, add_dataloader_idx=False)
         if losses:
             self.log(f"{stage}/avg/loss", torch.stack(losses).mean(), add_dataloader_idx=False)

@@ -48,7 +48,12 @@ def test_fit_then_test_logs_everything_to_the_default_store(tmp_path):
     # the best checkpoint and one last.ckpt (two callbacks write it; no stale copy beside a last-v1.ckpt)
     assert sorted(p.name for p in ckpts[0].parent.iterdir()) == ["best.ckpt", "last.ckpt"]
     run_id = ckpts[0].parent.parent.name
-    run_cli(cwd, "test", "--config", "experiments/tiny.yaml", "--ckpt_path", str(ckpts[0]))
+    tested = run_cli(cwd, "test", "--config", "experiments/tiny.yaml", "--ckpt_path", str(ckpts[0])).stdout
+    # one row per task and metric, not Lightning's every-metric-under-every-dataloader table
+    assert "DataLoader 0" not in tested and "test results" in tested
+    table = tested.split("test results", 1)[1].splitlines()
+    for task, metric in [("plausible", "accuracy"), ("qa", "exact_match"), ("count", "f1")]:
+        assert sum(line.split()[:2] == [task, metric] for line in table) == 1, tested[-2000:]
 
     client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
