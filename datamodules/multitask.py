@@ -18,7 +18,7 @@ from cgc_lightning.hf import ModelSpec, load_tokenizer
 from datamodules.collate import Collator, encode
 from datamodules.errors import DataError
 from datamodules.sampling import MultiTaskSampler, task_probabilities
-from datamodules.tasks import TaskSpec, load_task_rows
+from datamodules.tasks import TaskSpec, check_file, is_local_file, load_task_rows
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -116,6 +116,9 @@ class MultiTaskDataModule(L.LightningDataModule):
                 f"{val_fraction} and {test_fraction}"
             )
         task_probabilities([1] * len(self.tasks), sampling, temperature)  # checks the rule early
+        for t in self.tasks:  # here, before the CLI loads the model (the data module is instantiated first)
+            if is_local_file(t.source):
+                check_file(t.source)
         self.tokenizer_spec = tokenizer
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.sampling, self.temperature = sampling, temperature

@@ -76,22 +76,39 @@ def _fields(template: str) -> list[str]:
 # ------------------------------------------------------------------------------------- local files
 
 
-def read_file(path: str) -> list[dict]:
-    """Read a local .json/.jsonl/.csv/.parquet file through ``datasets``."""
+def is_local_file(source: str) -> bool:
+    """Whether a task source names a local file (not ``bigbench:``, ``hf:`` or another scheme)."""
+    return not source.startswith(("bigbench:", "hf:")) and not (
+        ":" in source.split("/")[0] and not Path(source).exists()
+    )
+
+
+def check_file(path: str) -> str:
+    """Check a local data file before anything reads it: it exists, has a known suffix and is not empty.
+
+    Returns:
+        Its ``datasets`` reader (``json``, ``csv`` or ``parquet``).
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist")
     kind = FILE_SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"data file {path!r}: unsupported suffix {p.suffix!r}; use one of {sorted(FILE_SUFFIXES)}")
-    import datasets
-
     size = p.stat().st_size
     if size == 0 or (size < 65536 and not p.read_bytes().strip()):  # datasets' readers end in a bare StopIteration
         raise DataError(f"data file {path!r} is empty: a task needs rows")
+    return kind
+
+
+def read_file(path: str) -> list[dict]:
+    """Read a local .json/.jsonl/.csv/.parquet file through ``datasets``."""
+    kind = check_file(path)
+    import datasets
+
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # malformed JSON/CSV: name the file, keep the reader's reason
         if "corresponds to no data" in str(e):  # what datasets says of a CSV with a header and no rows
             raise DataError(f"data file {path!r} has no rows") from e
@@ -131,7 +148,7 @@ def load_task_rows(
     elif spec.source.startswith("hf:"):
         raw, origin = read_hub(spec.source[3:], spec.split), spec.source
         prompt, target, choices = spec.prompt, spec.target, spec.choices
-    elif ":" in spec.source.split("/")[0] and not Path(spec.source).exists():
+    elif not is_local_file(spec.source):
         raise DataError(
             f"task {spec.name!r}: unknown source {spec.source!r}; use bigbench:<task>, hf:<dataset>, "
             "or a path to a .json/.jsonl/.csv/.parquet file"

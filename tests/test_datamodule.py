@@ -262,10 +262,10 @@ def test_missing_field_names_file_and_row(tmp_path):
         dm.setup("fit")
 
 
-def test_missing_data_file(tmp_path):
-    dm = make_dm(tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(tmp_path / "nope.jsonl")}])
+def test_missing_data_file_is_refused_when_the_data_module_is_built(tmp_path):
+    # the CLI builds the data module before it loads the model: this fails before any loading
     with pytest.raises(DataError, match="nope.jsonl' does not exist"):
-        dm.setup("fit")
+        make_dm(tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(tmp_path / "nope.jsonl")}])
 
 
 @pytest.mark.parametrize(
@@ -279,9 +279,8 @@ def test_missing_data_file(tmp_path):
 )
 def test_empty_or_broken_data_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
-    dm = make_dm(tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(tmp_path / name)}])
-    with pytest.raises(DataError, match=message):
-        dm.setup("fit")
+    with pytest.raises(DataError, match=message):  # empty ones when the module is built, broken ones on reading
+        make_dm(tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(tmp_path / name)}]).setup("fit")
 
 
 def test_task_without_examples(tmp_path):
