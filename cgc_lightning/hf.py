@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,11 +147,36 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
+def check_safetensors(folder: str | Path) -> None:
+    """Refuse a truncated or corrupt ``*.safetensors`` file in a local model folder before loading starts.
+
+    A safetensors file is an 8-byte header length ``N``, ``N`` bytes of JSON naming every tensor's byte
+    range, then the data: its size must be ``8 + N +`` the end of the last range.
+    """
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 + n:
+                    raise ValueError(f"its header says {n} bytes of metadata, the file has {size - 8}")
+                header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if size != 8 + n + end:
+                raise ValueError(f"its tensors need {8 + n + end:,} bytes, the file has {size:,}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(
+                f"model file {path} is truncated or corrupt: {e}. An interrupted download or copy? Fetch it again"
+            ) from e
+
+
 def load_model(spec: ModelSpec):
     """The base causal LM, in ``spec.dtype``, in eval mode (the trainer switches modes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     location = model_location(spec)
+    if not spec.random_init and Path(location).is_dir():
+        check_safetensors(location)
     dtype = DTYPES[spec.dtype]
     kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.attn_implementation:
