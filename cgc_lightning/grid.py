@@ -66,6 +66,7 @@ ROLE_TAG, NAME_TAG, POINT_TAG, STAGE_TAG, OWNER_TAG = (
     "grid.stage",
     "grid.owner",
 )
+GPU_TAG = "grid.gpu"
 PARENT_TAG = "mlflow.parentRunId"
 MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger",)
 
@@ -490,6 +491,8 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
     )
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, OWNER_TAG, f"{socket.gethostname()}:{os.getpid()}")
+    if peak_report and os.environ.get("CUDA_VISIBLE_DEVICES"):  # the GPU the grid placed this point on
+        client.set_tag(run_id, GPU_TAG, os.environ["CUDA_VISIBLE_DEVICES"])
     common = [
         "--config",
         base_path,

@@ -7,6 +7,9 @@
   finds it, stops, and marks the MLflow run KILLED (a second Ctrl-C stops at once).
 * Every callback's ``monitor`` (checkpointing, early stopping) must name a metric the module logs:
   a task name that is not in the data fails before the first step, not at the first validation.
+* Under DDP, at the end of ``fit`` every rank's adapters are compared with rank 0's: the largest
+  difference is logged as ``ddp/adapter_replica_max_diff`` (0 when DDP kept the replicas equal, as it
+  must), and replicas that drifted apart fail the run, naming the tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 
 from cgc_lightning.tracking import mlflow_logger
 
@@ -69,10 +73,12 @@ class RunGuard(Callback):
     Args:
         check_finite: check the training loss before every optimizer step (one host sync per step).
         checkpoint_on_interrupt: on Ctrl-C, finish the step and save ``last.ckpt`` before stopping.
+        check_replicas: under DDP, compare every rank's adapters with rank 0's at the end of ``fit``.
     """
 
-    def __init__(self, check_finite: bool = True, checkpoint_on_interrupt: bool = True):
+    def __init__(self, check_finite: bool = True, checkpoint_on_interrupt: bool = True, check_replicas: bool = True):
         self.check_finite, self.checkpoint_on_interrupt = check_finite, checkpoint_on_interrupt
+        self.check_replicas = check_replicas
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if hasattr(pl_module, "layout"):
@@ -143,6 +149,8 @@ class RunGuard(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
+        if self.check_replicas and trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy):
+            check_replicas(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         logger = mlflow_logger(trainer)
@@ -170,3 +178,38 @@ class RunGuard(Callback):
         if trainer.is_global_zero:
             print(f"saved {path} at step {trainer.global_step}; resume with: fit --ckpt_path last", file=sys.stderr)
         return True
+
+
+class ReplicaMismatchError(RuntimeError):
+    """The DDP ranks' adapters were not equal at the end of training."""
+
+
+def check_replicas(trainer: Trainer, pl_module: LightningModule) -> float:
+    """Largest difference between any rank's adapter tensors and rank 0's (a collective: every rank calls it).
+
+    Logged as ``ddp/adapter_replica_max_diff``; anything but 0 raises :class:`ReplicaMismatchError`, naming
+    the tensors, since DDP applies the same averaged gradient on every rank and so keeps them bitwise equal.
+    """
+    import torch.distributed as dist
+
+    from cgc_lightning.inject import adapter_parameters
+
+    named = [(n, p.detach()) for n, p in adapter_parameters(pl_module.model) if p.requires_grad]
+    mine = torch.cat([p.reshape(-1).float() for _, p in named])
+    rank0 = mine.clone()
+    dist.broadcast(rank0, src=0)
+    per_tensor = torch.stack([d.abs().max() for d in (mine - rank0).split([p.numel() for _, p in named])])
+    dist.all_reduce(per_tensor, op=dist.ReduceOp.MAX)
+    worst = float(per_tensor.max())
+    logger = mlflow_logger(trainer)
+    if logger is not None:
+        logger.log_metrics({"ddp/adapter_replica_max_diff": worst}, step=trainer.global_step)
+    if worst > 0:
+        off = [n for (n, _), d in zip(named, per_tensor.tolist(), strict=True) if d > 0]
+        raise ReplicaMismatchError(
+            f"after training, {len(off)} of {len(named)} adapter tensors differ between the {trainer.world_size} "
+            f"DDP ranks (largest difference {worst:.3g}), e.g. {off[:3]}: DDP did not average some gradient. "
+            "A trainable tensor outside DDP's reducer, or a custom optimizer step, can cause this; the checkpoints "
+            "hold rank 0's weights"
+        )
+    return worst

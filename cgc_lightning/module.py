@@ -324,7 +324,14 @@ class MultiTaskLoRAModule(L.LightningModule):
         if self._cuda_graphs:  # a new step: the graphs may overwrite the previous step's outputs
             torch.compiler.cudagraph_mark_step_begin()
         loss, task_sum, task_tokens = self._per_task_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # under DDP the mean over every rank's batch (one scalar all-reduce), not rank 0's share of it
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            batch_size=batch["input_ids"].shape[0],
+            sync_dist=self._world_size > 1,
+        )
         aux = [a.aux_loss for a in self._aux_adapters if a.aux_loss is not None]  # left by this step's forward
         if aux:
             aux_loss = torch.stack(aux).sum()
@@ -348,8 +355,16 @@ class MultiTaskLoRAModule(L.LightningModule):
             self._log_task_losses()
         return loss
 
+    @property
+    def _world_size(self) -> int:
+        """Processes training together (1 when not attached to a Trainer)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
     def _log_task_losses(self) -> None:
-        sums, tokens = self._task_loss_sum.tolist(), self._task_tokens.tolist()
+        both = torch.stack([self._task_loss_sum, self._task_tokens])
+        if self._world_size > 1:  # every rank's tokens: a rank may have seen none of a task
+            both = self.trainer.strategy.reduce(both, reduce_op="sum")
+        sums, tokens = both.tolist()
         values = {f"train/{name}/loss": s / c for name, s, c in zip(self.layout.tasks, sums, tokens, strict=True) if c}
         if values:
             self.log_dict(values, on_step=True, on_epoch=False)
@@ -499,6 +514,10 @@ class MultiTaskLoRAModule(L.LightningModule):
 
     def _log_eval(self, stage: str) -> None:
         acc = self._eval_loss.pop(stage, None)
+        if self._world_size > 1:  # each rank evaluated its share of every task (the metrics sync themselves)
+            if acc is None:
+                acc = torch.zeros(2, len(self.layout.tasks), device=self.device)
+            acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
         scores, losses = [], []
         self.results[stage] = rows = []  # (task, metric, value, loss) for the CLI's results table
         for t, name in enumerate(self.layout.tasks):

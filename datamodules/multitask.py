@@ -17,7 +17,7 @@ from cgc_lightning.cache import build_once
 from cgc_lightning.hf import ModelSpec, load_tokenizer
 from datamodules.collate import Collator, encode
 from datamodules.errors import DataError
-from datamodules.sampling import MultiTaskSampler, task_probabilities
+from datamodules.sampling import EvalShardSampler, MultiTaskSampler, task_probabilities
 from datamodules.tasks import TaskSpec, check_file, is_local_file, load_task_rows
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn != "fit":
+            return  # validate/test/predict of a checkpoint: the training order does not matter
         if state.get("batches_done"):
             if state.get("batch_size") != self.batch_size:
                 raise DataError(
@@ -285,7 +288,6 @@ class MultiTaskDataModule(L.LightningDataModule):
                     f"with {self.batch_size} would not continue the same sample order"
                 )
             ranks = state.get("world_size", 1)
-            trainer = getattr(self, "trainer", None)
             now = trainer.world_size if trainer is not None else 1
             if ranks != now:
                 raise DataError(
@@ -299,9 +301,17 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         collate = Collator(self.tokenizer.pad_token_id, self.task_cluster_ids, eval_mode=True)
+        trainer = getattr(self, "trainer", None)
+        ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return [
             DataLoader(
-                rows, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=self.num_workers
+                rows,
+                batch_size=self.eval_batch_size,
+                # several processes: each example on one rank only (Lightning's sampler would repeat some)
+                sampler=EvalShardSampler(len(rows), ranks, rank) if ranks > 1 else None,
+                shuffle=False,
+                collate_fn=collate,
+                num_workers=self.num_workers,
             )
             for rows in self._build()[split]
         ]

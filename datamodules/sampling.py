@@ -99,3 +99,27 @@ class MultiTaskSampler(DistributedSampler):
         drawn += drawn[: self.num_samples * self.num_replicas - len(drawn)]  # equal shares, as DDP pads
         skip, self._skip = self._skip, 0
         yield from drawn[skip + self.rank :: self.num_replicas]
+
+
+class EvalShardSampler(DistributedSampler):
+    """Rank ``r`` of ``R`` evaluates examples ``r, r + R, ...`` of one task, each example exactly once.
+
+    ``DistributedSampler``, which Lightning would otherwise put on evaluation loaders under DDP, pads the
+    ranks' shares to equal length by repeating examples, so a task's metric and loss would count some
+    examples twice. Evaluation has no collective per batch (the metrics and losses are gathered once, at the
+    end of the epoch), so ranks may run different numbers of batches, and a rank may have none of a task.
+    """
+
+    def __init__(self, size: int, num_replicas: int, rank: int):  # no DistributedSampler.__init__ (see above)
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
+        self.num_samples = len(range(rank, size, num_replicas))
+        self.shuffle, self.epoch = False, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.num_replicas))

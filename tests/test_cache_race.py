@@ -213,4 +213,3 @@ def test_a_truncated_gguf_is_named_and_leaves_no_cache(tmp_path):
     with pytest.raises(ModelLoadError, match=r"tiny.gguf \([0-9,]+ bytes\) could not be read.*truncated or corrupt"):
         model_location(spec)
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
-

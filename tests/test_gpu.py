@@ -37,12 +37,11 @@ TASKS = {  # task -> metric, as in experiments/gpu.yaml
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
-@pytest.fixture(scope="session")
-def experiment(tmp_path_factory) -> Path:
-    """``experiments/gpu.yaml`` with the model converted once and the caches shared by every test."""
+def local_experiment(source: Path, folder: Path) -> Path:
+    """``source`` (an experiment config) with the model converted once and the caches shared by every test."""
     from cgc_lightning.hf import ModelLoadError, ModelSpec, model_location
 
-    config = yaml.safe_load((ROOT / "experiments/gpu.yaml").read_text())
+    config = yaml.safe_load(source.read_text())
     spec = config["model"]["model"]
     spec["name_or_path"] = os.environ.get("CGC_GPU_MODEL_DIR", spec["name_or_path"])
     try:
@@ -60,9 +59,15 @@ def experiment(tmp_path_factory) -> Path:
     config["data"]["cache_dir"] = str(ROOT / ".cache/data")
     if os.environ.get("CGC_BIGBENCH_DIR"):
         config["data"]["bigbench_dir"] = os.environ["CGC_BIGBENCH_DIR"]
-    path = tmp_path_factory.mktemp("gpu") / "gpu.yaml"
+    path = folder / source.name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory) -> Path:
+    """``experiments/gpu.yaml``, local (``local_experiment``)."""
+    return local_experiment(ROOT / "experiments/gpu.yaml", tmp_path_factory.mktemp("gpu"))
 
 
 def run(cwd: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
