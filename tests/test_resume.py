@@ -24,8 +24,15 @@ COMMON = [
 ]
 
 
+def subprocess_env() -> dict[str, str]:
+    """This environment without MLflow settings, with the repository first on the import path (and what was
+    there after it: packages installed with --target, as on the GPU tier's machine)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return env | {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
 def fit(cwd: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     args = [
         sys.executable,
         "-m",
@@ -105,7 +112,7 @@ def test_ddp_sigkill_then_resume_matches_an_uninterrupted_ddp_run(tmp_path, acce
     # at step 10 (after the last.ckpt of step 8) one rank hangs and the other waits for it in the next
     # all-reduce; then both die at once, as on a lost machine
     token = tmp_path / "hanging"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     args = [sys.executable, "-m", "cgc_lightning", "fit", *COMMON, "--trainer.logger.init_args.experiment_name=crash"]
     args += [
         *ddp,
