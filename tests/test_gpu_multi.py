@@ -32,37 +32,45 @@ def default_experiment(tmp_path_factory) -> Path:
 
 
 def test_default_experiment_under_ddp_on_two_gpus_matches_one_gpu(default_experiment, tmp_path):
+    """2 GPUs at B = 8 against 1 GPU at B = 16: the same examples in every step. Noise yardstick: 1 GPU at B = 8
+    with 2 accumulated batches, whose gradient also averages two token means of 8 sequences each."""
     # no dropout: both ranks draw the same masks (same seed), which one process does not; without it, the runs
-    # differ only in how the gradient weighs the two ranks' token means, and in the order sums are taken
+    # differ only in how the gradient weighs the halves' token means, and in the order sums are taken
     common = ["fit", "--config", str(default_experiment), "--trainer.accelerator=gpu", "--model.adapter.dropout=0"]
-    run(tmp_path, *common, "--data.batch_size=16", "--trainer.logger.init_args.experiment_name=one")
-    two = ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=8"]
-    run(tmp_path, *common, *two, "--trainer.logger.init_args.experiment_name=two")
-
+    common.append("--trainer.log_every_n_steps=1")
+    runs = {
+        "one": ["--data.batch_size=16"],
+        "accumulate": ["--data.batch_size=8", "--trainer.accumulate_grad_batches=2"],
+        "two": ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=8"],
+    }
+    for name, args in runs.items():
+        run(tmp_path, *common, *args, f"--trainer.logger.init_args.experiment_name={name}")
     client = client_of(tmp_path)
-    (one,), (two,) = (client.search_runs([client.get_experiment_by_name(n).experiment_id]) for n in ("one", "two"))
+    found = {n: client.search_runs([client.get_experiment_by_name(n).experiment_id]) for n in runs}
+    assert all(len(f) == 1 for f in found.values())
+    one, acc, two = (found[n][0] for n in runs)
     assert two.data.metrics["ddp/adapter_replica_max_diff"] == 0.0, "the ranks' adapters are bitwise equal"
     assert "ddp/adapter_replica_max_diff" not in one.data.metrics
 
     def steps(run_, key) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(run_.info.run_id, key)}
 
-    print(f"{'metric':<40}{'1 GPU, B=16':>14}{'2 GPUs, B=8':>14}")
+    print(f"{'metric':<40}{'1 GPU, B=16':>14}{'1 GPU, 8x2':>14}{'2 GPUs, B=8':>14}")
+    keys = [f"{stage}/{t}/{m}" for t in TASKS for stage, m in (("train", "loss"), ("val", "loss"), ("val", "accuracy"))]
+    for key in [*keys, "val/avg/loss", "val/avg/score"]:
+        print(f"{key:<40}" + "".join(f"{r.data.metrics[key]:>14.4f}" for r in (one, acc, two)))
+    first = []
     for task in TASKS:
         a, b = steps(one, f"train/{task}/loss"), steps(two, f"train/{task}/loss")
-        print(f"train/{task}/loss by step: {a} {b}")
-        assert sorted(a) == sorted(b), f"{task}: the same tasks in every logged interval"
-        for key in (f"train/{task}/loss", f"val/{task}/loss", f"val/{task}/accuracy"):
-            print(f"{key:<40}{one.data.metrics[key]:>14.4f}{two.data.metrics[key]:>14.4f}")
-        # the same examples; the gradients differ only in how the ranks' token means are weighted
-        torch.testing.assert_close(list(b.values()), list(a.values()), rtol=0.05, atol=0, msg=task)
-        val = f"val/{task}/loss"
-        torch.testing.assert_close(two.data.metrics[val], one.data.metrics[val], rtol=0.1, atol=0, msg=val)
-        accuracy = f"val/{task}/accuracy"  # 32 examples: 0.03 each
-        assert abs(two.data.metrics[accuracy] - one.data.metrics[accuracy]) <= 0.16, accuracy
-    key = "val/avg/score"
-    print(f"{key:<40}{one.data.metrics[key]:>14.4f}{two.data.metrics[key]:>14.4f}")
-    assert abs(two.data.metrics[key] - one.data.metrics[key]) <= 0.06
+        assert sorted(a) == sorted(b), f"{task}: the same tasks in every step"
+        if 0 in a:  # the first step: the same weights and examples, per-task sums over both ranks' tokens
+            torch.testing.assert_close(b[0], a[0], rtol=1e-3, atol=0, msg=task)
+            first.append(task)
+    assert first
+    for key, floor in (("val/avg/loss", 0.02), ("val/avg/score", 0.05)):
+        noise = abs(acc.data.metrics[key] - one.data.metrics[key])
+        gap = abs(two.data.metrics[key] - one.data.metrics[key])
+        assert gap <= 2 * noise + floor, f"{key}: DDP is {gap:.4f} from 1 GPU, accumulation {noise:.4f}"
 
 
 def test_grid_spreads_points_over_two_gpus(tmp_path):
