@@ -24,6 +24,7 @@ from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adap
 from cgc_lightning.loss import lean_loss_unsupported, target_token_losses
 from cgc_lightning.metrics import TaskMetric
 from cgc_lightning.routing import route
+from cgc_lightning.strategies import NAME as _DDP_STATIC  # noqa: F401  (registers trainer.strategy: ddp_static)
 
 IGNORE = -100
 log = logging.getLogger(__name__)

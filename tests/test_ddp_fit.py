@@ -84,3 +84,21 @@ def test_ddp_fit_and_validate_match_one_process_of_the_same_global_batch(tmp_pat
         for key in (f"val/{task}/loss", f"val/{task}/{metric}"):
             *_, single, double = history(one, key)
             torch.testing.assert_close(double, single, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cgc_lora", "moelora", "independent_lora", "modula_res"])
+def test_ddp_static_trains_every_method_with_equal_replicas(tmp_path, method):
+    """``trainer.strategy: ddp_static`` (gradient_as_bucket_view + static_graph, cgc_lightning.strategies): DDP
+    accepts every method's graph as static, and the ranks' adapters stay equal."""
+    from mlflow import MlflowClient
+
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    args = ["--trainer.devices=2", "--trainer.strategy=ddp_static", "--data.batch_size=2"]
+    cli(tmp_path, "fit", *COMMON, *args, f"--model.adapter.method={method}")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (found,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert found.info.status == "FINISHED"
+    assert found.data.metrics["ddp/adapter_replica_max_diff"] == 0.0
+    assert len(client.get_metric_history(found.info.run_id, "train/loss")) == 4

@@ -67,7 +67,8 @@ def test_default_experiment_under_ddp_on_two_gpus_matches_one_gpu(default_experi
             torch.testing.assert_close(b[0], a[0], rtol=1e-3, atol=0, msg=task)
             first.append(task)
     assert first
-    for key, floor in (("val/avg/loss", 0.02), ("val/avg/score", 0.05)):
+    # floors: a yes/no task flips many of its 32 answers at once when the bias tips (docs/gpu.md)
+    for key, floor in (("val/avg/loss", 0.02), ("val/avg/score", 0.10)):
         noise = abs(acc.data.metrics[key] - one.data.metrics[key])
         gap = abs(two.data.metrics[key] - one.data.metrics[key])
         assert gap <= 2 * noise + floor, f"{key}: DDP is {gap:.4f} from 1 GPU, accumulation {noise:.4f}"
