@@ -18,10 +18,12 @@ import re
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from cgc_lightning.callbacks import GateUsageMonitor, GradientConflictMonitor, SeesawMonitor
+from cgc_lightning.callbacks.progress import StepProgressBar
 from cgc_lightning.guard import RunGuard
 from cgc_lightning.module import MultiTaskLoRAModule
 from cgc_lightning.tracking import BestAdapterArtifact, MLflowConfigCallback, check_tracking_uri, default_tracking_uri
@@ -108,6 +110,13 @@ class CGCLightningCLI(LightningCLI):
             where = f" (in {', '.join(sources)} and the command line)" if sources else ""
             print(f"error: {ours}{where}", file=sys.stderr)
             raise SystemExit(2) from None
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # our bar (real totals under max_steps), unless the bar is off or the config brings its own
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_validate(self) -> None:
         print_results(self.model.results.get("val", []), "validate")

@@ -1,0 +1,52 @@
+"""The CLI's training progress bar counts what the run will really do under ``max_steps``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from cgc_lightning.callbacks.progress import StepProgressBar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(tmp_path, monkeypatch, *args: str):
+    from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
+    from cgc_lightning.module import MultiTaskLoRAModule
+    from datamodules.multitask import MultiTaskDataModule
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    return CGCLightningCLI(
+        MultiTaskLoRAModule,
+        MultiTaskDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=["--config", str(ROOT / "experiments/tiny.yaml"), *args],
+        run=False,
+    )
+
+
+def test_the_bar_totals_the_steps_of_a_max_steps_run_not_the_epoch(tmp_path, monkeypatch):
+    # an epoch of 100 batches, a run of 3 steps: Lightning's bar would end at 3/100
+    cli = build(tmp_path, monkeypatch, "--trainer.max_steps=3", "--data.samples_per_epoch=400")
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.num_training_batches == 100
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)
+    assert bar.train_progress_bar.desc.startswith("Epoch 0") and "/-" not in bar.train_progress_bar.desc
+    assert bar.get_metrics(cli.trainer, cli.model)["step"] == "3/3"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--trainer.enable_progress_bar=false"], ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]],
+    ids=["bar off", "own bar"],
+)
+def test_no_bar_of_ours_when_the_bar_is_off_or_the_config_brings_one(tmp_path, monkeypatch, args):
+    cli = build(tmp_path, monkeypatch, *args)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, TQDMProgressBar)]
+    assert not any(isinstance(c, StepProgressBar) for c in bars)
+    assert len(bars) == (0 if "false" in args[0] else 1)
