@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
+from torchmetrics.functional.text import bleu_score, rouge_score, squad
 from torchmetrics.text import BLEUScore, ROUGEScore, SQuAD
 
 #: Metrics where a lower value is better (none of ours; the comparison report reads this).
@@ -68,6 +69,36 @@ class TaskMetric(nn.Module):
         if isinstance(self.text, ROUGEScore):
             return value["rougeL_fmeasure"]
         return value
+
+    def example_scores(self, predictions: list[str], references: list[list[str]]) -> list[float]:
+        """Each generated example's own score in [0, 1], for per-example results and paired statistics.
+
+        The mean of these is the task's metric for accuracy, exact_match, f1 and rouge_l (each is a mean over
+        examples); for bleu it is the mean sentence BLEU, not the corpus BLEU that :meth:`compute` reports.
+        """
+        if self.name == "accuracy":
+            return [
+                float(any(_normalise(p) == _normalise(r) for r in refs))
+                for p, refs in zip(predictions, references, strict=True)
+            ]
+        if isinstance(self.text, SQuAD):
+            scores = []
+            for p, refs in zip(predictions, references, strict=True):
+                one = squad(
+                    [{"prediction_text": p, "id": "0"}],
+                    [{"answers": {"answer_start": [0] * len(refs), "text": refs}, "id": "0"}],
+                )
+                scores.append(float(one[self.name]) / 100.0)
+            return scores
+        if isinstance(self.text, ROUGEScore):
+            return [
+                float(rouge_score(p, refs, rouge_keys="rougeL")["rougeL_fmeasure"])
+                for p, refs in zip(predictions, references, strict=True)
+            ]
+        return [
+            float(bleu_score([p], [refs], n_gram=4, smooth=True))
+            for p, refs in zip(predictions, references, strict=True)
+        ]
 
     def reset(self) -> None:
         self.mean.reset()

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
+from cgc_lightning.examples import ExampleRecorder, log_examples
+from cgc_lightning.examples import gather as gather_examples
 from cgc_lightning.export import init_from_adapter
 from cgc_lightning.hf import ModelSpec, load_model, load_tokenizer
 from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adapters, is_adapter_param, param_report
@@ -25,9 +27,12 @@ from cgc_lightning.loss import lean_loss_unsupported, target_token_losses
 from cgc_lightning.metrics import TaskMetric
 from cgc_lightning.routing import route
 from cgc_lightning.strategies import NAME as _DDP_STATIC  # noqa: F401  (registers trainer.strategy: ddp_static)
+from cgc_lightning.tracking import mlflow_logger
 
 IGNORE = -100
 log = logging.getLogger(__name__)
+#: Leaf names of gate and router tensors: their own optimizer group (``gate_lr``, ``gate_weight_decay``).
+GATE_PREFIXES = ("gate_", "router_")
 
 
 def rng_states() -> dict:
@@ -149,6 +154,12 @@ class MultiTaskLoRAModule(L.LightningModule):
             activation checkpointing, so no full-vocabulary logits of the batch are ever held
             (:mod:`cgc_lightning.loss`); per-task losses are the same. ``null`` runs the model's own head on
             every position (the plain path, also taken for heads the lean loss does not know).
+        gate_lr: learning rate of the gates and routers (``gate_*``, ``router_*`` tensors); ``null``: ``lr``.
+            Gates start uniform and get small gradients, so at the experts' rate they may stay an equal mix
+            (the gate-usage diagnostics warn, see ``gate_usage.uniform_tolerance``).
+        gate_weight_decay: AdamW weight decay of the gates and routers; ``null``: ``weight_decay``.
+        log_val_examples: also log each validation's per-example results (``test`` always does;
+            :mod:`cgc_lightning.examples`).
     """
 
     #: The keyword arguments of ``torch.compile`` that ``compile`` accepts.
@@ -170,6 +181,9 @@ class MultiTaskLoRAModule(L.LightningModule):
         max_new_tokens: int = 16,
         compile: bool | dict = False,
         loss_chunk_size: int | None = 4096,
+        gate_lr: float | None = None,
+        gate_weight_decay: float | None = None,
+        log_val_examples: bool = False,
     ):
         super().__init__()
         compile_kwargs = compile_options(compile)
@@ -182,6 +196,10 @@ class MultiTaskLoRAModule(L.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got betas={list(betas)}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got warmup_ratio={warmup_ratio}")
+        if gate_lr is not None and not gate_lr > 0:
+            raise ValueError(f"gate_lr must be positive or null (= lr), got gate_lr={gate_lr}")
+        if gate_weight_decay is not None and gate_weight_decay < 0:
+            raise ValueError(f"gate_weight_decay must be >= 0 or null, got gate_weight_decay={gate_weight_decay}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(
                 f"model.loss_chunk_size must be a positive number of positions or null, got {loss_chunk_size}"
@@ -216,12 +234,17 @@ class MultiTaskLoRAModule(L.LightningModule):
                 "max_new_tokens": max_new_tokens,
                 "compile": compile if isinstance(compile, bool) else dict(compile),
                 "loss_chunk_size": loss_chunk_size,
+                "gate_lr": gate_lr,
+                "gate_weight_decay": gate_weight_decay,
+                "log_val_examples": log_val_examples,
             },
             logger=False,
         )  # MLflowConfigCallback logs params under stable, flat names
         self.model_spec, self.adapter_config = model, adapter
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_ratio, self.schedule, self.max_new_tokens = warmup_ratio, schedule, max_new_tokens
+        self.gate_lr, self.gate_weight_decay, self.log_val_examples = gate_lr, gate_weight_decay, log_val_examples
+        self.examples = ExampleRecorder()
 
         self.model = load_model(model)
         self.tokenizer = load_tokenizer(model)
@@ -409,8 +432,20 @@ class MultiTaskLoRAModule(L.LightningModule):
             set_rng_states(state)
 
     def configure_optimizers(self):
-        params = [p for _, p in adapter_parameters(self.model) if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        trainable = [(n, p) for n, p in adapter_parameters(self.model) if p.requires_grad]
+        gates = [p for n, p in trainable if n.rsplit(".", 1)[-1].startswith(GATE_PREFIXES)]
+        experts = [p for n, p in trainable if not n.rsplit(".", 1)[-1].startswith(GATE_PREFIXES)]
+        groups = [{"params": experts, "name": "experts"}] if experts else []
+        if gates:  # their own rate and decay (same as the experts' unless set)
+            groups.append(
+                {
+                    "params": gates,
+                    "name": "gates",
+                    "lr": self.gate_lr if self.gate_lr is not None else self.lr,
+                    "weight_decay": self.gate_weight_decay if self.gate_weight_decay is not None else self.weight_decay,
+                }
+            )
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(self.warmup_ratio * total)
 
@@ -441,10 +476,19 @@ class MultiTaskLoRAModule(L.LightningModule):
         acc[0] += task_sum
         acc[1] += task_tokens
         metric = self.metrics[stage][task]
+        record = stage == "test" or (stage == "val" and self.log_val_examples)
+        name = self.layout.tasks[task]
         if metric.name == "accuracy" and "choice_input_ids" in batch:
-            metric.update_choices(self._choice_predictions(batch) == batch["target_index"])
+            picked = self._choice_predictions(batch)
+            correct = picked == batch["target_index"]
+            metric.update_choices(correct)
+            if record and "example_ids" in batch:
+                self.examples.add_choices(stage, name, batch, picked, correct)
         else:
-            metric.update_texts(self.generate_texts(batch), batch["references"])
+            texts = self.generate_texts(batch)
+            metric.update_texts(texts, batch["references"])
+            if record and "example_ids" in batch:
+                self.examples.add_texts(stage, name, batch, texts, metric.example_scores(texts, batch["references"]))
 
     def _choice_predictions(self, batch) -> torch.Tensor:
         """Index of the likeliest answer choice of each example, ``(B,)``."""
@@ -538,6 +582,11 @@ class MultiTaskLoRAModule(L.LightningModule):
         self.log(f"{stage}/avg/score", torch.stack(scores).mean(), prog_bar=True, add_dataloader_idx=False)
         if losses:
             self.log(f"{stage}/avg/loss", torch.stack(losses).mean(), add_dataloader_idx=False)
+        if stage == "test" or (stage == "val" and self.log_val_examples):
+            rows = gather_examples(self.examples.pop(stage), self._world_size)
+            if self._trainer is not None and self._trainer.is_global_zero and not self._trainer.sanity_checking:
+                name = "test" if stage == "test" else f"val_step{self._trainer.global_step}"
+                log_examples(mlflow_logger(self._trainer), rows, f"examples/{name}.json")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

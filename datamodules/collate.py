@@ -49,6 +49,8 @@ def encode(
                 "target_index": target_index,
                 "choice_ids": choice_ids,
                 "references": row.get("references") or [row["target"]],
+                "choices": list(row.get("choices") or []),
+                "example_id": int(row.get("example_id", -1)),  # the row's place in its source file
             }
         )
     return out, truncated
@@ -97,6 +99,8 @@ class Collator:
         batch["prompt_ids"] = _pad(prompts, self.pad_id, left=True)  # (B, P), left-padded for generate()
         batch["prompt_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
         batch["references"] = [list(r["references"]) for r in rows]
+        batch["choices"] = [list(r.get("choices") or []) for r in rows]
+        batch["example_ids"] = [int(r.get("example_id", -1)) for r in rows]
         batch["target_index"] = torch.tensor([r["target_index"] for r in rows], dtype=torch.long)
         # every (example, choice) pair as one sequence; its score is the choice tokens' log-likelihood
         pairs = [(i, p, c) for i, (p, r) in enumerate(zip(prompts, rows, strict=True)) for c in r["choice_ids"]]

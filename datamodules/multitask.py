@@ -21,7 +21,7 @@ from datamodules.sampling import EvalShardSampler, MultiTaskSampler, task_probab
 from datamodules.tasks import TaskSpec, check_file, is_local_file, load_task_rows
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows carry example_id and choice texts
 SPLITS = ("train", "val", "test")
 
 
@@ -180,6 +180,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         import datasets
 
         rows, origin = load_task_rows(spec, self.bigbench_dir, str(Path(self.cache_dir).parent / "bigbench"))
+        rows = [r | {"example_id": i} for i, r in enumerate(rows)]  # the row's place in its source: a stable id
         if spec.metric == "accuracy":
             for i, r in enumerate(rows):
                 if r["choices"] and r["target"] not in r["choices"]:

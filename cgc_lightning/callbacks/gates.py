@@ -13,6 +13,7 @@ domain stages) have nothing to report.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_json, log_me
 from cgc_lightning.config import AdapterConfig, TaskLayout
 from cgc_lightning.inject import adapted_layers, injection
 from cgc_lightning.routing import route
+from cgc_lightning.tracking import mlflow_logger
+
+log = logging.getLogger(__name__)
 
 
 def expert_labels(config: AdapterConfig, layout: TaskLayout, num_experts: int) -> list[str]:
@@ -87,6 +91,19 @@ class GateUsage:
             "weight": _nan_to_none(self.weight.tolist()),
             "entropy": _nan_to_none(self.entropy.tolist()),
         }
+
+
+#: Methods whose gate weights are a softmax over the experts a task reaches (they sum to 1).
+SOFTMAX_GATES = ("cgc_lora", "moelora")
+
+
+def distance_from_uniform(weight: torch.Tensor) -> float:
+    """Largest ``|w - 1/E_t|`` over layers, tasks and reachable experts of ``(L, n_tasks, E)`` gate weights, where
+    ``E_t`` is the number of experts task ``t`` reaches (``nan`` entries: unreachable, or a task without data)."""
+    reach = torch.isfinite(weight)
+    n = reach.sum(-1, keepdim=True).clamp_min(1)  # (L, n_tasks, 1)
+    dist = torch.where(reach, (weight - 1.0 / n).abs(), torch.zeros_like(weight))
+    return float(dist.max()) if reach.any() else math.nan
 
 
 def _nan_to_none(values):
@@ -196,16 +213,28 @@ class GateUsageMonitor(Callback):
     The weights are read, through forward pre-hooks, off the validation loop's own forward pass of
     the first ``examples_per_task`` examples of each validation loader's first batch: no extra pass.
 
+    Gates that do not learn: for a softmax gate (CGC-LoRA, MOELoRA), ``gate/max_from_uniform`` is the largest
+    distance, over layers, tasks and the experts a task reaches, of a gate weight from the uniform 1/E. At a
+    validation after the warm-up, if it is below ``uniform_tolerance``, every gate is still an equal mix: the
+    run gets the tag ``gate.uniform = true`` (``false`` once they move) and one warning saying what to change.
+
     Args:
         enabled: turn the callback off.
         examples_per_task: examples of each validation loader's first batch that count.
         plot: log the heatmap and the per-layer table.
+        uniform_tolerance: distance from uniform under which a gate counts as not having learned.
     """
 
-    def __init__(self, enabled: bool = True, examples_per_task: int = 8, plot: bool = True):
+    def __init__(
+        self, enabled: bool = True, examples_per_task: int = 8, plot: bool = True, uniform_tolerance: float = 0.02
+    ):
         if examples_per_task < 1:
             raise ValueError(f"gate_usage.examples_per_task must be >= 1, got {examples_per_task}")
+        if not 0 <= uniform_tolerance < 1:
+            raise ValueError(f"gate_usage.uniform_tolerance must be in [0, 1), got {uniform_tolerance}")
         self.enabled, self.examples_per_task, self.plot = enabled, examples_per_task, plot
+        self.uniform_tolerance = uniform_tolerance
+        self._warned_uniform = False
         self.last: GateUsage | None = None
         self.stopwatch = Stopwatch()
         self._recorder: _Recorder | None = None
@@ -250,6 +279,9 @@ class GateUsageMonitor(Callback):
                         out[f"gate/{task}/{label}"] = float(mean_w[t, e])
                 if math.isfinite(float(mean_h[t])):
                     out[f"gate/{task}/entropy"] = float(mean_h[t])
+            if pl_module.adapter_config.method in SOFTMAX_GATES:
+                out["gate/max_from_uniform"] = distance_from_uniform(usage.weight)
+                self._check_uniform(trainer, pl_module, out["gate/max_from_uniform"])
             log_metrics(trainer, out, step)
             if self.plot and trainer.loggers:
                 weights, tasks, experts = mean_w.tolist(), usage.tasks, usage.experts
@@ -262,6 +294,27 @@ class GateUsageMonitor(Callback):
 
                 log_figure(trainer, build, "diagnostics/gate_usage.png")
                 log_json(trainer, {"step": step, **usage.to_dict()}, "diagnostics/gate_usage.json")
+
+    def _check_uniform(self, trainer: Trainer, pl_module: LightningModule, distance: float) -> None:
+        warmup = int(getattr(pl_module, "warmup_ratio", 0.0) * max(int(trainer.estimated_stepping_batches), 1))
+        if trainer.global_step <= warmup:
+            return
+        uniform = distance < self.uniform_tolerance
+        logger = mlflow_logger(trainer)
+        if logger is not None:
+            logger.experiment.set_tag(logger.run_id, "gate.uniform", str(uniform).lower())
+        if uniform and not self._warned_uniform:
+            self._warned_uniform = True
+            lr = getattr(pl_module, "gate_lr", None) or getattr(pl_module, "lr", None)
+            log.warning(
+                "step %d: every gate is still within %.3g of uniform (largest distance %.3g): the experts are mixed "
+                "in equal parts, the gates have not learned. Give the gates their own, larger learning rate "
+                "(model.gate_lr, now %s), or train longer; the run is tagged gate.uniform=true",
+                trainer.global_step,
+                self.uniform_tolerance,
+                distance,
+                lr,
+            )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._recorder is not None:
