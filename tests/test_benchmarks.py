@@ -15,3 +15,13 @@ def test_loss_memory_benchmark_runs_and_checks_lean_against_full(capsys):
     loss_memory.main(["--size", "tiny", "--device", "cpu", "--batch", "4", "--seq", "32", "--steps", "1"])
     out = capsys.readouterr().out
     assert "equal within bf16" in out and "peft" in out and "lean" in out
+
+
+def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
+    from benchmarks import fit_loop
+
+    result = fit_loop.main(["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "fit loop vs bare PEFT loop" in out and "forward + routing + per-task loss" in out
+    assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))

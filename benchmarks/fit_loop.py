@@ -1,0 +1,242 @@
+r"""The real training loop against a bare PEFT loop over the same batches: step time, tokens/s, memory, host time.
+
+``fit`` here is what ``python -m cgc_lightning fit --config <config>`` builds: ``MultiTaskLoRAModule``,
+``MultiTaskDataModule`` on the config's tasks, the default callbacks (checkpoints, LR monitor, seesaw,
+gradient-conflict and gate-use diagnostics unless ``--diagnostics off``, run guard) and the MLflow logger on a
+throw-away SQLite store. Validation is pushed past the timed steps, so only training steps are timed.
+
+``bare`` is the loop such a model would get without the framework: the same base model (``load_model`` of the
+same spec), a PEFT LoRA of the method's active rank on the same modules, ``model(..., labels=...).loss``
+(HF's own loss), ``backward``, AdamW, at the same precision, over the same batches in the same order (the data
+module's own loader).
+
+Per variant: the median step time (CUDA-synchronised at each step's start and end) after ``--warmup`` steps,
+tokens/s over non-pad tokens, and peak GPU memory (``max_memory_allocated``, whole process, from the start of
+the variant). For ``fit``, where the host time goes: Lightning's ``SimpleProfiler`` times every hook on the
+host (asynchronous CUDA work is not waited for), grouped as data (fetching and moving the batch), forward +
+routing + per-task loss (``training_step``), backward, optimizer, callbacks and logging.
+
+    python -m benchmarks.fit_loop --config experiments/gpu.yaml --set data.batch_size=32       # GPU, real model
+    python -m benchmarks.fit_loop --config experiments/tiny.yaml --steps 2 --warmup 1            # CPU smoke (CI)
+
+``--set key=value`` takes dotted LightningCLI overrides (``model.adapter.method=joint_lora``), any number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+from cgc_lightning.config import AdapterConfig
+
+PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+                  "on_before_optimizer_step", "on_before_zero_grad")  # fmt: skip
+
+
+def active_rank(cfg: AdapterConfig) -> int:
+    """The LoRA rank one token goes through: what a single PEFT LoRA needs to match its compute."""
+    if cfg.method == "cgc_lora":
+        return (cfg.num_shared + cfg.num_specific) * cfg.r
+    if cfg.method == "moelora":
+        return cfg.num_experts * cfg.r
+    if cfg.method.startswith("modula"):
+        return (cfg.num_universal + 1) * cfg.r
+    return cfg.r
+
+
+class StepTimer(Callback):
+    """Wall time of each training step (synchronised) and its non-pad tokens."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.times, self.tokens = cuda, [], []
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+
+
+def summarise(times: list[float], tokens: list[int], warmup: int, peak: int | None) -> dict:
+    t, n = times[warmup:], tokens[warmup:]
+    ms = statistics.median(t) * 1e3
+    return {
+        "ms": ms,
+        "tokens_per_s": statistics.mean(n) / (ms / 1e3),
+        "peak_gib": None if peak is None else peak / 2**30,
+    }
+
+
+def host_time(profiler, steps: int, step_ms: float) -> dict[str, float]:
+    """Host ms per timed step by where it goes, from the profiler's per-hook durations (the last ``steps`` calls
+    of each per-step action; ``optimizer`` is ``optimizer_step`` less what runs inside its closure)."""
+    per_step = {a: sum(d[-steps:]) * 1e3 / steps for a, d in profiler.recorded_durations.items() if len(d) >= steps}
+
+    def total(*keys: str, exclude: str = "") -> float:
+        return sum(ms for a, ms in per_step.items() if any(k in a for k in keys) and not (exclude and exclude in a))
+
+    data = total("train_dataloader_next", "batch_to_device", "transfer_batch_to_device", "batch_transfer")
+    forward = total("Strategy.training_step")
+    backward = total("Strategy.backward")
+    callbacks = sum(
+        ms
+        for a, ms in per_step.items()
+        if a.startswith("[Callback]") and "StepTimer" not in a and a.endswith(PER_STEP_HOOKS)
+    )
+    inside = forward + backward + total("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+    optimizer = max(total("Module.optimizer_step") - inside, 0.0) + total("optimizer_zero_grad")
+    out = {
+        "data (fetch, collate, to device)": data,
+        "forward + routing + per-task loss": forward,
+        "backward": backward,
+        "optimizer": optimizer,
+        "callbacks (diagnostics, checkpoints, guard)": callbacks,
+    }
+    out["rest (loop, logging, GPU waits)"] = max(step_ms - sum(out.values()), 0.0)
+    return out
+
+
+def run_fit(args, overrides: list[str], store: Path, cuda: bool):
+    from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
+    from cgc_lightning.module import MultiTaskLoRAModule
+    from cgc_lightning.tracking import MLflowConfigCallback
+    from datamodules.multitask import MultiTaskDataModule
+
+    total = args.warmup + args.steps
+    off = (
+        [f"--{c}.enabled=false" for c in ("seesaw", "grad_conflict", "gate_usage")] if args.diagnostics == "off" else []
+    )
+    cli = CGCLightningCLI(
+        MultiTaskLoRAModule,
+        MultiTaskDataModule,
+        save_config_callback=MLflowConfigCallback,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=[
+            "--config",
+            args.config,
+            *overrides,
+            *off,
+            f"--trainer.max_steps={total}",
+            f"--trainer.val_check_interval={total + 1}",
+            "--trainer.check_val_every_n_epoch=null",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            # the per-hook host times; its report goes to a file, not the screen
+            '--trainer.profiler={"class_path": "lightning.pytorch.profilers.SimpleProfiler", '
+            f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
+            f"--trainer.default_root_dir={store / 'outputs'}",
+            f"--trainer.logger.init_args.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+            "--trainer.logger.init_args.experiment_name=fit-loop-benchmark",
+        ],
+        run=False,
+    )
+    timer = StepTimer(cuda)
+    cli.trainer.callbacks.append(timer)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    fit = summarise(timer.times, timer.tokens, args.warmup, peak)
+    return cli, fit, host_time(cli.trainer.profiler, args.steps, fit["ms"])
+
+
+def run_bare(args, cli, cuda: bool) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from cgc_lightning.hf import load_model
+    from cgc_lightning.inject import adapted_layers
+
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = str(cli.trainer.precision)
+    cfg = cli.model.adapter_config
+    rank = active_rank(cfg)
+    model = load_model(cli.model.model_spec)
+    if precision.startswith("bf16-true"):
+        model = model.to(torch.bfloat16)
+    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in adapted_layers(cli.model.model)})  # as resolved
+    lora = LoraConfig(r=rank, lora_alpha=rank * cfg.alpha / cfg.r, lora_dropout=0.0, target_modules=targets)
+    model = get_peft_model(model, lora).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cli.model.lr)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16-mixed") else nullcontext()
+    )
+    loader = cli.datamodule.train_dataloader()
+    times, tokens = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i, batch in enumerate(loader):
+        if i == args.warmup + args.steps:
+            break
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        tokens.append(int(batch["attention_mask"].sum()))
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    assert torch.isfinite(loss), f"bare loop: non-finite loss {loss}"
+    return summarise(times, tokens, args.warmup, peak) | {"rank": rank}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment config, as for `fit --config`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--diagnostics", choices=["on", "off"], default="on", help="the diagnostics callbacks")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    overrides = [f"--{kv}" for kv in args.set]
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        cli, fit, host = run_fit(args, overrides, Path(tmp), cuda)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        bare = run_bare(args, cli, cuda)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    cfg = cli.model.adapter_config
+    print(
+        f"fit loop vs bare PEFT loop: {args.config} {' '.join(args.set)}, method={cfg.method}, "
+        f"precision={cli.trainer.precision}, batch={cli.datamodule.batch_size}, diagnostics {args.diagnostics}, "
+        f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}"
+    )
+    print(f"{'loop':<6} {'ms/step':>9} {'tokens/s':>11} {'peak GiB':>9} {'ms x bare':>10} {'mem x bare':>11}")
+    for name, r in (("fit", fit), ("bare", bare)):
+        mem = f"{r['peak_gib']:>9.2f}" if r["peak_gib"] is not None else f"{'n/a':>9}"
+        ratio_mem = (
+            f"{r['peak_gib'] / bare['peak_gib']:>11.2f}" if r["peak_gib"] and bare["peak_gib"] else f"{'n/a':>11}"
+        )
+        print(f"{name:<6} {r['ms']:>9.1f} {r['tokens_per_s']:>11,.0f} {mem} {r['ms'] / bare['ms']:>10.2f} {ratio_mem}")
+    print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
+    for group, ms in host.items():
+        print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
+    return {"fit": fit, "bare": bare, "host": host}
+
+
+if __name__ == "__main__":
+    main()
