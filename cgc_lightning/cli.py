@@ -184,14 +184,21 @@ def find_last_checkpoint(cfg) -> str:
     return str(found[-1])
 
 
-#: Subcommands that are not LightningCLI's: each module has ``main(argv)``.
-TOOLS = {"compare": "cgc_lightning.compare", "grid": "cgc_lightning.grid", "stages": "cgc_lightning.stages"}
+#: Subcommands that are not LightningCLI's: ``module`` (its ``main(argv)``) or ``module:function``.
+TOOLS = {
+    "compare": "cgc_lightning.compare",
+    "grid": "cgc_lightning.grid",
+    "stages": "cgc_lightning.stages",
+    "export": "cgc_lightning.export_cli",
+    "merge": "cgc_lightning.export_cli:merge_main",
+}
 
 
 def main(args: list[str] | None = None) -> CGCLightningCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in TOOLS:
-        result = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        module, _, function = TOOLS[argv[0]].partition(":")
+        result = getattr(importlib.import_module(module), function or "main")(argv[1:])
         if isinstance(result, int) and result:  # grid: the number of points that failed
             raise SystemExit(result)
         return None
