@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
 from cgc_lightning.examples import ExampleRecorder, log_examples
@@ -125,6 +126,18 @@ def uses_cuda_graphs(kwargs: dict | None) -> bool:
         or kwargs.get("backend") == "cudagraphs"
         or bool(options.get("triton.cudagraphs"))
     )
+
+
+class FirstLineEnded(StoppingCriteria):
+    """Done for a row once its generated text has a line break after some text (leading blank lines do not
+    count, as the answer is read as the first non-blank line); generation stops when every row is done."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class MultiTaskLoRAModule(L.LightningModule):
@@ -553,6 +566,8 @@ class MultiTaskLoRAModule(L.LightningModule):
                 do_sample=False,
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                # the answer is the first line: stop once every row has ended one (or reached EOS)
+                stopping_criteria=StoppingCriteriaList([FirstLineEnded(self.tokenizer, prompt.shape[1])]),
             )
         texts = self.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]

@@ -99,6 +99,28 @@ def test_generations_are_cut_at_the_first_line_break():
     ], "predict names the task of its loader"
 
 
+def test_generation_stops_once_every_row_has_ended_its_first_line():
+    """A real tiny model whose head is steered to write: newline, "a", newline, then "a" forever. Leading blank
+    lines do not end the answer, the first line break after text does: 3 tokens, not max_new_tokens."""
+    m = module(max_new_tokens=8)
+    newline, a = (m.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("\n", "a"))
+    script, calls = [newline, a, newline], []
+
+    def steer(head, args, logits):  # the next token of every row, by decoding step
+        step = len(calls)
+        calls.append(logits.shape[1])
+        forced = script[step] if step < len(script) else a
+        out = torch.full_like(logits, -1e4)
+        out[:, -1, forced] = 0.0
+        return out
+
+    m.model.lm_head.register_forward_hook(steer)
+    prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    batch = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "task_ids": torch.tensor([0, 1])}
+    assert m.generate_texts(batch) == ["a", "a"]
+    assert len(calls) == 3, f"stopped after the first line's break, not at max_new_tokens: {len(calls)} steps"
+
+
 @pytest.mark.parametrize("stage", ["universal", "domain"])
 def test_weight_decay_is_refused_where_frozen_experts_share_a_tensor(stage):
     adapter = AdapterConfig(method="modula_res", r=2, stage=stage)
