@@ -93,6 +93,9 @@ class GridConfig:
     """Grid name (tag ``grid.name`` of the parent run); default: the config file's stem."""
     experiment_name: str | None = None
     """MLflow experiment of the parent and child runs; default: the base config's logger's."""
+    modula_stages: dict[str, float] | None = None
+    """Shares of ``trainer.max_steps`` for a MoDULA point's universal, domain and router stages
+    (``cgc_lightning.chain``); default: equal thirds."""
 
     def __post_init__(self):
         for what, value, kind in [
@@ -456,7 +459,7 @@ def _owner_alive(run) -> bool:
 
 def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, parent_id: str) -> str:
     """Bring one point to finished, in this process: ``fit`` (resumed from ``last.ckpt`` if any), then ``test``."""
-    from cgc_lightning import cli, gpu_slots
+    from cgc_lightning import chain, cli, gpu_slots
     from cgc_lightning.tracking import MLflowLogger
 
     client = store.client
@@ -508,9 +511,33 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
             extra = ["--ckpt_path", str(ckpts / "last.ckpt")] if resume else []
             if resume and "resume" in inspect.signature(MLflowLogger).parameters:  # don't re-log steps before the crash
                 extra.append("--trainer.logger.init_args.resume=true")
-            trainer = cli.main(["fit", *common, *extra]).trainer
-            if trainer.interrupted or getattr(trainer, "received_sigterm", False):
-                raise RuntimeError(f"point {point.id}: fit was interrupted")
+            if chain.is_chain(point.config):  # MoDULA: its three stages, the last one into this point's run
+
+                def fit_stage(args: list[str]) -> None:
+                    stage = cli.main(["fit", *args]).trainer
+                    if stage.interrupted or getattr(stage, "received_sigterm", False):
+                        raise RuntimeError(f"point {point.id}: a MoDULA stage's fit was interrupted")
+
+                def stage_run(stage: str) -> tuple[str, Path]:
+                    tags = {PARENT_TAG: run_id, chain.STAGE_RUN_TAG: stage, ROLE_TAG: "modula_stage"}
+                    child = client.get_run(new_run(store, f"{point.label()} stage={stage}", tags))
+                    return child.info.run_id, store.checkpoints(child)
+
+                trainer_cfg = point.config.get("trainer") or {}
+                val_every = trainer_cfg.get("val_check_interval")
+                chain.run_chain(
+                    fit_stage,
+                    [c for c in common if not c.startswith("--trainer.logger.init_args.run_id=")],
+                    int(trainer_cfg.get("max_steps") or 0),
+                    val_every if isinstance(val_every, int) else None,
+                    cfg.modula_stages,
+                    stage_run,
+                    (run_id, ckpts),
+                )
+            else:
+                trainer = cli.main(["fit", *common, *extra]).trainer
+                if trainer.interrupted or getattr(trainer, "received_sigterm", False):
+                    raise RuntimeError(f"point {point.id}: fit was interrupted")
             client.set_tag(run_id, STAGE_TAG, "fit_done")
         best = next((p for p in (ckpts / "best.ckpt", ckpts / "last.ckpt") if zipfile.is_zipfile(p)), None)
         if best is None:

@@ -1,0 +1,76 @@
+"""A MoDULA grid point trains MoDULA's three stages (universal, domain, router) as one point (cgc_lightning.chain)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cgc_lightning.chain import is_chain, stage_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_step_budget_is_shared_out_over_the_stages():
+    assert stage_steps(9, None) == {"universal": 3, "domain": 3, "router": 3}
+    assert stage_steps(6, {"universal": 2, "domain": 1, "router": 1}) == {"universal": 3, "domain": 1, "router": 2}
+    assert sum(stage_steps(100, {"universal": 0.5, "domain": 0.3, "router": 0.2}).values()) == 100
+    with pytest.raises(ValueError, match="positive share to each of"):
+        stage_steps(9, {"universal": 1, "domain": 1})
+    with pytest.raises(ValueError, match="max_steps >= 3"):
+        stage_steps(2, None)
+
+
+def test_only_modula_left_at_the_joint_default_is_a_chain():
+    assert is_chain({"model": {"adapter": {"method": "modula_res"}}})
+    assert is_chain({"model": {"adapter": {"method": "modula_flan", "stage": "joint"}}})
+    assert not is_chain({"model": {"adapter": {"method": "modula_res", "stage": "router"}}})
+    assert not is_chain({"model": {"adapter": {"method": "cgc_lora"}}})
+
+
+@pytest.mark.slow
+def test_a_modula_point_runs_three_stages_and_reports_like_any_other(tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    config = yaml.safe_load((ROOT / "experiments/grids/tiny.yaml").read_text())
+    config["overrides"] |= {"trainer.max_steps": 6, "trainer.log_every_n_steps": 1}
+    config["axes"] = {"model.adapter.method": ["modula_res", "joint_lora"]}
+    config["reference"] = {"model.adapter.method": "joint_lora"}
+    config["modula_stages"] = {"universal": 2, "domain": 1, "router": 1}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cgc_lightning", "grid", "--config", "grid.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("tiny-grid").experiment_id
+    points = {
+        r.data.tags["grid.model.adapter.method"]: r for r in client.search_runs([exp], "tags.`grid.role` = 'point'")
+    }
+    assert set(points) == {"modula_res", "joint_lora"} and all(r.info.status == "FINISHED" for r in points.values())
+    modula = points["modula_res"]
+    stages = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{modula.info.run_id}'")
+    assert sorted(r.data.tags["grid.modula_stage"] for r in stages) == ["domain", "universal"]
+
+    def steps(run) -> int:
+        return len(client.get_metric_history(run.info.run_id, "train/loss"))
+
+    assert {r.data.tags["grid.modula_stage"]: steps(r) for r in stages} == {"universal": 3, "domain": 1}
+    assert steps(modula) == 2, "the router stage trained in the point's own run"
+    assert modula.data.params["adapter.stage"] == "router"
+    # reported like any other point: test metrics on the point's run, and a Δm against the reference
+    assert "test/avg/score" in modula.data.metrics
+    assert "modula_res" in proc.stdout and "joint_lora" in proc.stdout
