@@ -44,6 +44,7 @@ from typing import Literal
 
 import yaml
 
+from cgc_lightning import chain
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.configs import deep_merge, read_base, read_tool_config, section
 from cgc_lightning.metrics import LOWER_IS_BETTER
@@ -129,10 +130,17 @@ def child_config(base: dict, adapter: dict, *, name: str, experiment: str, track
 
 
 def fit_and_test(config_path: str | Path) -> str:
-    """``fit`` then ``test`` of the best checkpoint, in this process; returns the MLflow run id."""
+    """``fit`` then ``test`` of the best checkpoint, in this process; returns the MLflow run id.
+
+    A MoDULA method left at ``stage: joint`` trains its three stages (``cgc_lightning.chain``): the universal and
+    domain stages in runs nested under the method's run, the router stage and the test in the method's run.
+    """
     from cgc_lightning.cli import main
     from cgc_lightning.tracking import mlflow_logger
 
+    config = yaml.safe_load(Path(config_path).read_text())
+    if chain.is_chain(config):
+        return _fit_chain_and_test(Path(config_path), config)
     fit = main(["fit", "--config", str(config_path)])
     # the checkpoint callback that monitors a metric (others may only save `last.ckpt` for resuming)
     monitored = [c for c in fit.trainer.checkpoint_callbacks if c.monitor and c.best_model_path]
@@ -142,6 +150,58 @@ def fit_and_test(config_path: str | Path) -> str:
     run_id = mlflow_logger(fit.trainer).run_id
     main(["test", "--config", str(config_path), "--ckpt_path", best, f"--trainer.logger.init_args.run_id={run_id}"])
     return run_id
+
+
+def _fit_chain_and_test(config_path: Path, config: dict) -> str:
+    from mlflow import MlflowClient
+
+    from cgc_lightning.cli import main
+
+    init = config["trainer"]["logger"]["init_args"]
+    client = MlflowClient(init["tracking_uri"])
+    exp = client.get_experiment_by_name(init["experiment_name"])
+    exp_id = exp.experiment_id if exp else client.create_experiment(init["experiment_name"])
+    method_run = client.create_run(exp_id, run_name=init.get("run_name"), tags=init.get("tags") or {}).info.run_id
+    root = Path(init.get("checkpoint_dir") or "outputs")
+    # the earlier stages' configs carry no compare tags: their runs belong to the method's run, not to the compare
+    stage_cfg = copy.deepcopy(config)
+    stage_cfg["trainer"]["logger"]["init_args"]["tags"] = {}
+    stage_path = config_path.with_name(f"{config_path.stem}.stages.yaml")
+    stage_path.write_text(yaml.safe_dump(stage_cfg, sort_keys=False))
+
+    def fit(args: list[str]) -> None:
+        router = "--model.adapter.stage=router" in args
+        main(["fit", "--config", str(config_path if router else stage_path), *args])
+
+    def stage_run(stage: str) -> tuple[str, Path]:
+        tags = {"mlflow.parentRunId": method_run, chain.STAGE_RUN_TAG: stage}
+        run_id = client.create_run(exp_id, run_name=f"{init.get('run_name')} stage={stage}", tags=tags).info.run_id
+        return run_id, root / exp_id / run_id / "checkpoints"
+
+    trainer = config.get("trainer") or {}
+    val_every = trainer.get("val_check_interval")
+    ckpts = root / exp_id / method_run / "checkpoints"
+    chain.run_chain(
+        fit,
+        [],
+        int(trainer.get("max_steps") or 0),
+        val_every if isinstance(val_every, int) else None,
+        None,  # equal thirds of max_steps
+        stage_run,
+        (method_run, ckpts),
+    )
+    best = chain.best_checkpoint(ckpts)
+    main(
+        [
+            "test",
+            "--config",
+            str(config_path),
+            "--ckpt_path",
+            str(best),
+            f"--trainer.logger.init_args.run_id={method_run}",
+        ]
+    )
+    return method_run
 
 
 # ------------------------------------------------------------------------------------------------ report

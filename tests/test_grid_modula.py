@@ -74,3 +74,48 @@ def test_a_modula_point_runs_three_stages_and_reports_like_any_other(tmp_path):
     # reported like any other point: test metrics on the point's run, and a Δm against the reference
     assert "test/avg/score" in modula.data.metrics
     assert "modula_res" in proc.stdout and "joint_lora" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_modula_method_in_compare_runs_three_stages(tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    config = {
+        "base": "experiments/tiny.yaml",
+        "methods": ["modula_res", "joint_lora"],
+        "reference": "joint_lora",
+        "experiment_name": "modula-compare",
+        "overrides": {
+            "trainer": {"max_steps": 6, "val_check_interval": 2, "log_every_n_steps": 1},
+            "seesaw": {"enabled": False},
+            "grad_conflict": {"enabled": False},
+        },
+    }
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cgc_lightning", "compare", "--config", "compare.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("modula-compare").experiment_id
+    methods = {r.data.tags["compare.method"]: r for r in client.search_runs([exp], "tags.`compare.method` != ''")}
+    assert set(methods) == {"modula_res", "joint_lora"}, "the stage runs are not methods of the comparison"
+    modula = methods["modula_res"]
+    stages = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{modula.info.run_id}'")
+    assert {
+        r.data.tags["grid.modula_stage"]: len(client.get_metric_history(r.info.run_id, "train/loss")) for r in stages
+    } == {
+        "universal": 2,
+        "domain": 2,
+    }
+    assert len(client.get_metric_history(modula.info.run_id, "train/loss")) == 2
+    assert modula.data.params["adapter.stage"] == "router" and "test/avg/score" in modula.data.metrics
+    assert "modula_res" in proc.stdout and "negative transfer" in proc.stdout
