@@ -42,6 +42,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -936,6 +937,7 @@ def report(cfg: GridConfig, points: list[Point], store: Store, parent_id: str, o
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(text)
+    log_summary_metrics(store.client, parent_id, s)
     done = sum(r["status"] == "FINISHED" for r in s.points)
     print(
         f"\ngrid {cfg.name}: {done} of {len(points)} point(s) finished; parent run {parent_id} "
@@ -944,6 +946,35 @@ def report(cfg: GridConfig, points: list[Point], store: Store, parent_id: str, o
     print(format_text(s))
     print(_notes(s, cfg))
     return s
+
+
+def _metric_name(*parts: str) -> str:
+    """An MLflow metric name (alphanumerics, ``_ - . / :`` and spaces) from free text."""
+    return "/".join(re.sub(r"[^0-9A-Za-z_\-. :]", "_", str(p).replace("=", ":")) for p in parts if str(p))
+
+
+def log_summary_metrics(client, parent_id: str, s: Summary) -> None:
+    """The summary as metrics, so the MLflow runs table shows it: on the parent, each group's mean over seeds
+    (``grid/<axis:value ...>/avg``, ``.../delta_m``, ``.../n``); on each point's run, its ``grid/delta_m``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for group in s.groups:
+        label = " ".join(f"{k}:{group[k]}" for k in s.axes) or "all"
+        for col in ("avg", "delta_m"):
+            values = group["values"].get(col)
+            if values:
+                metrics.append(Metric(_metric_name("grid", label, col), statistics.fmean(values), now, 0))
+        metrics.append(Metric(_metric_name("grid", label, "n"), float(group["n"]), now, 0))
+    try:
+        for i in range(0, len(metrics), 500):
+            client.log_batch(parent_id, metrics=metrics[i : i + 500])
+        for row in s.points:
+            if row["run_id"] and row["delta_m"] is not None:
+                client.log_metric(row["run_id"], "grid/delta_m", row["delta_m"], timestamp=now)
+    except Exception as e:  # the tables are logged already; a store that refuses metrics costs only the columns
+        print(f"grid: could not log the summary metrics ({e})", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -119,3 +119,29 @@ def test_a_modula_method_in_compare_runs_three_stages(tmp_path):
     assert len(client.get_metric_history(modula.info.run_id, "train/loss")) == 2
     assert modula.data.params["adapter.stage"] == "router" and "test/avg/score" in modula.data.metrics
     assert "modula_res" in proc.stdout and "negative transfer" in proc.stdout
+
+
+def test_grid_report_puts_the_summary_on_the_parent_and_delta_m_on_each_point(tmp_path, capsys):
+    """The parent run's metrics are each group's mean over seeds (the runs table shows them); each point run has
+    its own Δm against the reference of its seed."""
+    from cgc_lightning import grid
+    from tests.test_grid import _fake_finished_run, _store, points_of
+
+    points, _ = points_of(axes={"model.adapter.method": ["cgc_lora", "independent_lora"], "seed_everything": [1, 2]})
+    cfg = grid.GridConfig(base="unused", experiment_name="summary-metrics")
+    store = _store(tmp_path, cfg)
+    parent = grid.parent_run(store, cfg)
+    scores = {
+        "cgc_lora": {"plausible": 0.6, "qa": 0.3, "count": 0.2},
+        "independent_lora": {"plausible": 0.5, "qa": 0.2, "count": 0.4},
+    }
+    runs = {p.id: _fake_finished_run(store, parent, p, scores[p.values["model.adapter.method"]]) for p in points}
+    grid.report(cfg, points, store, parent)
+    metrics = store.client.get_run(parent).data.metrics
+    delta = 100 * ((0.6 - 0.5) / 0.5 + (0.3 - 0.2) / 0.2 + (0.2 - 0.4) / 0.4) / 3
+    assert metrics["grid/method:cgc_lora/avg"] == pytest.approx((0.6 + 0.3 + 0.2) / 3)
+    assert metrics["grid/method:cgc_lora/delta_m"] == pytest.approx(delta)
+    assert metrics["grid/method:independent_lora/delta_m"] == 0.0 and metrics["grid/method:cgc_lora/n"] == 2
+    for p in points:
+        want = delta if p.values["model.adapter.method"] == "cgc_lora" else 0.0
+        assert store.client.get_run(runs[p.id]).data.metrics["grid/delta_m"] == pytest.approx(want)
