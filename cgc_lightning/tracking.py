@@ -181,6 +181,14 @@ class MLflowLogger(MLFlowLogger):
     def save_dir(self) -> str:
         return self.checkpoint_dir
 
+    @property
+    def experiment(self):
+        client = MLFlowLogger.experiment.fget(self)
+        if not getattr(self, "_kind_marked", False) and self._experiment_id is not None:
+            self._kind_marked = True
+            mark_experiment_kind(client, self._experiment_id)
+        return client
+
     @rank_zero_only  # as MLFlowLogger's own: other ranks have no run (callbacks call this on every rank)
     def log_metrics(self, metrics, step=None) -> None:
         if self.resume and step is not None:
@@ -253,6 +261,20 @@ class MLflowLogger(MLFlowLogger):
             history = self.experiment.get_metric_history(self.run_id, key.replace("@", "/"))
             self._logged_until[key] = max((m.step for m in history), default=-1)
         return self._logged_until[key]
+
+
+#: MLflow 3's UI opens an experiment on the page its kind names; without the tag it guesses, and opens the
+#: GenAI overview, which is empty for training runs. This kind opens the runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def mark_experiment_kind(client, experiment_id: str) -> None:
+    """Tag the experiment as model training (unless it has a kind), so the MLflow UI opens on its runs."""
+    try:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except Exception as e:  # a read-only or older store: the UI only opens on another page
+        warnings.warn(f"could not tag experiment {experiment_id} with its kind: {e}", stacklevel=2)
 
 
 def mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
