@@ -145,3 +145,21 @@ def test_grid_report_puts_the_summary_on_the_parent_and_delta_m_on_each_point(tm
     for p in points:
         want = delta if p.values["model.adapter.method"] == "cgc_lora" else 0.0
         assert store.client.get_run(runs[p.id]).data.metrics["grid/delta_m"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "studies").glob("*_study.yaml")), ids=lambda p: p.name)
+def test_the_shipped_study_expands_to_every_method_and_seed_and_its_points_parse(path):
+    from cgc_lightning import grid
+    from tests.test_grid import _parse
+
+    cfg, base, base_path = grid.load(path.relative_to(ROOT))
+    points, _ = grid.expand(cfg, base)
+    methods = {p.config["model"]["adapter"]["method"] for p in points}
+    assert methods == {"cgc_lora", "moelora", "joint_lora", "independent_lora", "modula_res", "modula_flan"}
+    assert len(points) == 18 and {grid.get_key(p.config, cfg.seed_key) for p in points} == {1, 2, 3}
+    tasks = base["data"]["tasks"]
+    assert len(tasks) >= 10 and len(base["data"]["clusters"]) >= 3
+    assert {t.get("metric", "accuracy") for t in tasks} >= {"accuracy", "exact_match", "f1", "rouge_l", "bleu"}
+    for p in points:
+        parsed = _parse(["--config", base_path, *p.args])
+        assert parsed.model.adapter.method == p.config["model"]["adapter"]["method"]
