@@ -16,15 +16,17 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from cgc_lightning.callbacks import GateUsageMonitor, GradientConflictMonitor, SeesawMonitor
-from cgc_lightning.callbacks.progress import StepProgressBar
-from cgc_lightning.guard import RunGuard
+from cgc_lightning.callbacks.progress import step_progress_bar
+from cgc_lightning.guard import RunGuard, check_monitors
 from cgc_lightning.module import MultiTaskLoRAModule
 from cgc_lightning.tracking import BestAdapterArtifact, MLflowConfigCallback, check_tracking_uri, default_tracking_uri
 from datamodules.multitask import MultiTaskDataModule
@@ -53,8 +55,9 @@ def our_config_error(error: BaseException) -> str | None:
         tb = error.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        if isinstance(error, ValueError) and tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS):
-            found = (error, type(tb.tb_frame.f_locals.get("self")).__name__)  # the innermost: it names the value
+        ours = isinstance(error, ValueError) and tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS)
+        if ours and found is None:  # the outermost of ours: it names the file or key (ModelLoadError from ValueError)
+            found = (error, type(tb.tb_frame.f_locals.get("self")).__name__)
         error = error.__cause__ or error.__context__
     if found is None:
         return None
@@ -102,20 +105,54 @@ class CGCLightningCLI(LightningCLI):
         # a bad value in the config (r: 0, lr: -1, ...) is one line naming it, not a dump of the namespace
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, MisconfigurationException) as e:
+            ours = our_config_error(e)
+            if ours is None and isinstance(e, MisconfigurationException):
+                ours = f"trainer: {e}"  # Lightning's own check of a trainer value (max_steps: -5, ...)
+            if ours is None:
+                raise
+            self._refuse(ours)
+
+    def _refuse(self, message: str) -> None:
+        sub = getattr(self, "subcommand", None) or self.config.get("subcommand")
+        sources = [str(c) for c in (self.config.get(sub, self.config).get("config") or [])]
+        where = f" (in {', '.join(sources)} and the command line)" if sources else ""
+        print(f"error: {message}{where}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # our checks that run once fit/validate/test has started (data files read in prepare_data, monitored
+        # metric names) are one line too; a failure in training itself keeps its traceback
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as e:
             ours = our_config_error(e)
             if ours is None:
                 raise
-            sources = [str(c) for c in (self.config.get(self.subcommand, self.config).get("config") or [])]
-            where = f" (in {', '.join(sources)} and the command line)" if sources else ""
-            print(f"error: {ours}{where}", file=sys.stderr)
-            raise SystemExit(2) from None
+            self._refuse(ours)
+
+    def before_fit(self) -> None:
+        check_monitors(self.trainer, self.model)  # before the MLflow run exists, not in the first setup hook
+
+    def _parse_ckpt_path(self) -> None:
+        # a missing or foreign --ckpt_path is named before Lightning unpickles it, or the model loads
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
+            path = Path(ckpt)
+            if not path.is_file():
+                self._refuse(f"ckpt_path: {ckpt} does not exist (give a checkpoint file, or `last` with fit)")
+            if not zipfile.is_zipfile(path):
+                self._refuse(
+                    f"ckpt_path: {ckpt} is not a checkpoint (not a torch zip file): truncated or another file?"
+                )
+        super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # our bar (real totals under max_steps), unless the bar is off or the config brings its own
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks = [*callbacks, StepProgressBar()]
+            callbacks = [*callbacks, step_progress_bar()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_validate(self) -> None:
@@ -133,6 +170,11 @@ class CGCLightningCLI(LightningCLI):
         if init is not None and "mlflow" in str(getattr(logger, "class_path", "")).lower():
             # a tracking server that is down fails the run here, before the model loads
             check_tracking_uri(getattr(init, "tracking_uri", None) or default_tracking_uri())
+        interval = getattr(cfg.trainer, "val_check_interval", None)
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+            self._refuse(
+                f"trainer.val_check_interval must be positive (steps, or a fraction of an epoch), got {interval}"
+            )
         if self.subcommand in ("test", "validate"):
             # Lightning's table repeats every task's metrics under every dataloader's column; ours is a row each
             cfg.verbose = False

@@ -134,6 +134,12 @@ def read_saved_adapter(path: str | Path) -> tuple[AdapterConfig, TaskLayout, dic
         from cgc_lightning.tracking import default_tracking_uri
 
         path = download_artifacts(artifact_uri=path, tracking_uri=default_tracking_uri())
+    if not Path(path).exists():
+        raise ValueError(
+            f"init_adapter {path} does not exist (model.adapter.init_adapter): give a saved adapter folder, "
+            "a fit checkpoint (.ckpt) or "
+            "runs:/<run id>/best_adapter"
+        )
     if Path(path).is_file() and path.endswith(".ckpt"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hp = ckpt.get("hyper_parameters") or {}

@@ -158,7 +158,8 @@ class RunGuard(Callback):
         if isinstance(exception, KeyboardInterrupt):
             if logger is not None:
                 logger.final_status = "KILLED"
-        elif logger is not None and trainer.is_global_zero:
+        elif logger is not None and trainer.is_global_zero and getattr(logger, "_initialized", False):
+            # only a run that exists: a failure before the run started (a data file, a monitor) leaves none behind
             try:
                 logger.experiment.set_tag(logger.run_id, "error", f"{type(exception).__name__}: {exception}"[:5000])
             except Exception as e:  # the store may be what failed

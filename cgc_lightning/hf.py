@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -102,7 +103,8 @@ def _convert_gguf(spec: ModelSpec, location: str) -> str:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except ImportError as e:
             raise ModelLoadError(f"loading {gguf} needs the gguf package: pip install gguf ({e})") from e
-        except (ValueError, OSError, KeyError, IndexError) as e:  # numpy reshape, short reads, missing tensors
+        except (ValueError, OSError, KeyError, IndexError, struct.error, OverflowError, EOFError) as e:
+            # numpy reshape, short reads, missing tensors, a header cut mid-field, nonsense counts
             raise ModelLoadError(
                 f"GGUF file {gguf} ({gguf.stat().st_size:,} bytes) could not be read: {type(e).__name__}: {e}. "
                 "It may be truncated or corrupt (an interrupted download or copy): fetch it again"

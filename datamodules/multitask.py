@@ -15,12 +15,15 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from cgc_lightning.cache import build_once
 from cgc_lightning.hf import ModelSpec, load_tokenizer
+from datamodules.bigbench import task_file
 from datamodules.collate import Collator, encode
 from datamodules.errors import DataError
 from datamodules.sampling import EvalShardSampler, MultiTaskSampler, task_probabilities
 from datamodules.tasks import TaskSpec, check_file, is_local_file, load_task_rows
 
 log = logging.getLogger(__name__)
+MIN_LENGTH = 2
+"""Shortest ``max_length``: one prompt token and one answer token."""
 CACHE_VERSION = 2  # 2: rows carry example_id and choice texts
 SPLITS = ("train", "val", "test")
 
@@ -116,9 +119,23 @@ class MultiTaskDataModule(L.LightningDataModule):
                 f"{val_fraction} and {test_fraction}"
             )
         task_probabilities([1] * len(self.tasks), sampling, temperature)  # checks the rule early
+        for name, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1)):
+            if value < least:
+                raise DataError(f"data.{name} must be >= {least}, got {value}")
+        if max_length < MIN_LENGTH:
+            raise DataError(
+                f"data.max_length must be >= {MIN_LENGTH} (a prompt and its answer both need tokens), got {max_length}"
+            )
         for t in self.tasks:  # here, before the CLI loads the model (the data module is instantiated first)
             if is_local_file(t.source):
                 check_file(t.source)
+            elif not t.source.startswith(("bigbench:", "hf:")):
+                raise DataError(
+                    f"task {t.name!r}: unknown source {t.source!r}; use bigbench:<task>, hf:<dataset>, "
+                    "or a path to a .json/.jsonl/.csv/.parquet file"
+                )
+            elif t.source.startswith("bigbench:") and bigbench_dir:
+                task_file(t.source.split(":", 1)[1], bigbench_dir)  # names a task that is not there
         self.tokenizer_spec = tokenizer
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.sampling, self.temperature = sampling, temperature

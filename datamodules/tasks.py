@@ -171,7 +171,8 @@ def load_task_rows(
         missing = [k for k in needed if k not in row or row[k] is None]
         if missing:
             raise DataError(
-                f"task {spec.name!r}: {origin}, row {i}: missing field(s) {missing}; the row has {sorted(row)}"
+                f"task {spec.name!r}: {origin}, row {i + 1}: missing or empty field(s) {missing}; its fields with "
+                f"a value are {sorted(k for k, v in row.items() if v is not None)}"
             )
         ch = row.get(choices) if choices else None
         if isinstance(ch, str):  # PromptCBLUE stores choices as a list; CSV cells arrive as text

@@ -128,16 +128,6 @@ def garbage_checkpoint(work: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- the cases
 
 
-def xfail(reason: str):
-    """A fault the CLI does not refuse cleanly yet; strict, so fixing it turns the case red until the mark goes."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-TRACEBACK_AND_RUN = (
-    "raised after the trainer started, so it ends in a raw traceback, and RunGuard.on_exception creates an "
-    "MLflow run (status FAILED) just to tag it with the error"
-)
-
 CASES = [
     # ---- model.adapter: AdapterConfig.__post_init__, inject_adapters
     pytest.param(
@@ -190,11 +180,8 @@ CASES = [
     ),
     pytest.param(
         overrides("--model.adapter.init_adapter=./no/adapter"),
-        ["./no/adapter", "adapter_config.json"],
+        ["error: init_adapter ./no/adapter does not exist"],
         id="adapter-init-adapter-missing",
-        marks=xfail(
-            "export.read_adapter_config raises FileNotFoundError, which the CLI does not catch: a raw traceback"
-        ),
     ),
     # ---- optimizer and loss: MultiTaskLoRAModule.__init__
     pytest.param(overrides("--model.lr=-0.001"), ["model: lr must be positive, got lr=-0.001"], id="lr-negative"),
@@ -249,37 +236,31 @@ CASES = [
         qa_file("qa.csv", "question,answer\n"),
         ["data file 'data/qa.csv' has no rows"],
         id="csv-header-only",
-        marks=xfail(TRACEBACK_AND_RUN),
     ),
     pytest.param(
         qa_file("qa.jsonl", qa_rows(6) + '{"question": "What is 7 + 1?", "answer": \n' + qa_rows(5)),
         ["data file 'data/qa.jsonl' could not be read as json"],
         id="jsonl-broken-line",
-        marks=xfail(TRACEBACK_AND_RUN),
     ),
     pytest.param(
         qa_file("qa.jsonl", qa_rows(6) + json.dumps({"question": "What is 7 + 1?"}) + "\n" + qa_rows(5)),
-        ["task 'qa'", "data/qa.jsonl, row 6", "missing field(s) ['answer']"],
+        ["task 'qa'", "data/qa.jsonl, row 7", "missing or empty field(s) ['answer']"],
         id="jsonl-row-without-target",
-        marks=xfail(TRACEBACK_AND_RUN + "; the message also says 'the row has ['answer', 'question']'"),
     ),
     pytest.param(
         qa_file("qa.jsonl", qa_rows(2)),
         ["task 'qa' has 2 examples: too few for a train/val/test split"],
         id="jsonl-too-few-rows",
-        marks=xfail(TRACEBACK_AND_RUN),
     ),
     pytest.param(
         edited({f"data.tasks.{QA}.source": "s3://bucket/qa.jsonl"}),
         ["task 'qa': unknown source 's3://bucket/qa.jsonl'"],
         id="source-scheme-unknown",
-        marks=xfail("checked only in prepare_data, after the model loaded: " + TRACEBACK_AND_RUN),
     ),
     pytest.param(
         edited({"data.tasks.0.source": "bigbench:no_such_task"}),
         ["no BIG-bench task 'no_such_task'", "tests/fixtures/data/bigbench/no_such_task/task.json"],
         id="bigbench-task-missing",
-        marks=xfail("checked only in prepare_data, after the model loaded: " + TRACEBACK_AND_RUN),
     ),
     # ---- data config: TaskSpec and MultiTaskDataModule.__init__
     pytest.param(
@@ -311,17 +292,13 @@ CASES = [
     pytest.param(edited({"data.tasks": []}), ["data.tasks is empty"], id="tasks-empty"),
     pytest.param(
         overrides("--data.batch_size=0"),
-        ["batch_size", "batch_size=0"],
+        ["data.batch_size must be >= 1, got 0"],
         id="batch-size-0",
-        marks=xfail(
-            "not checked by the data module; torch's BatchSampler refuses it in train_dataloader: " + TRACEBACK_AND_RUN
-        ),
     ),
     pytest.param(
         overrides("--data.max_length=2"),
         ["data.max_length=2 truncates every target"],
         id="max-length-2",
-        marks=xfail("checked only while tokenising in prepare_data: " + TRACEBACK_AND_RUN),
     ),
     pytest.param(
         overrides("--data.sampling=zipf"), ['Parser key "data.sampling"', "Got value: zipf"], id="sampling-unknown"
@@ -361,18 +338,11 @@ CASES = [
         gguf_file(GGUF_CUT),
         ["gguf/tiny.gguf", "truncated or corrupt"],
         id="gguf-cut-in-its-header",
-        marks=xfail(
-            "transformers' GGUF reader raises struct.error, which hf._convert_gguf does not catch: a raw traceback"
-        ),
     ),
     pytest.param(
         truncated_safetensors,
         ["model/model.safetensors is truncated or corrupt", "its tensors need 51,303 bytes, the file has 1,103"],
         id="safetensors-truncated",
-        marks=xfail(
-            "cli.our_config_error prints the innermost of our ValueErrors, so the one line says only 'its tensors "
-            "need 51,303 bytes, the file has 1,103', without the file"
-        ),
     ),
     # ---- the config file
     pytest.param(
@@ -396,47 +366,29 @@ CASES = [
     ),
     pytest.param(
         overrides("--ckpt_path=outputs/missing.ckpt", subcommand="validate"),
-        ["Checkpoint file not found: outputs/missing.ckpt"],
+        ["ckpt_path: outputs/missing.ckpt does not exist"],
         id="validate-ckpt-missing",
-        marks=xfail(
-            "Lightning finds the file missing only after the model loaded and the MLflow run was created: a raw "
-            "FileNotFoundError traceback and a FAILED run"
-        ),
     ),
     pytest.param(
         garbage_checkpoint,
         ["bad.ckpt"],
         id="validate-ckpt-not-a-checkpoint",
-        marks=xfail(
-            "torch.load's UnpicklingError ('Weights only load failed ...') in a raw traceback, not naming the file"
-        ),
     ),
     # ---- the trainer and callbacks
     pytest.param(
         overrides("--trainer.max_steps=-5"),
         ["max_steps", "-5"],
         id="max-steps-negative",
-        marks=xfail(
-            "Lightning's MisconfigurationException is not a ValueError, so the CLI re-raises it: a raw traceback"
-        ),
     ),
     pytest.param(
         overrides("--trainer.val_check_interval=0"),
         ["val_check_interval", "0"],
         id="val-check-interval-0",
-        marks=xfail(
-            "not refused: training starts (MLflow run created) and the first step fails with ZeroDivisionError "
-            "(integer modulo by zero) in Lightning's training loop"
-        ),
     ),
     pytest.param(
         overrides("--checkpoint.monitor=val/nosuch/accuracy"),
         ["ModelCheckpoint monitors 'val/nosuch/accuracy', but task 'nosuch' is not in the data"],
         id="checkpoint-monitor-unknown-task",
-        marks=xfail(
-            "RunGuard.setup checks it after Lightning created the MLflow run: a raw ValueError traceback and a "
-            "FAILED run"
-        ),
     ),
 ]
 

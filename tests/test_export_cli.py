@@ -68,7 +68,7 @@ def test_export_writes_a_peft_adapter_per_task_that_peft_loads_to_the_routed_mod
             got = peft(input_ids=ids).logits
         want = routed_logits(str(trained["ckpt"]), task, ids)
         # the exported factors (gate weights and scaling folded in) are stored in float32: rounding only
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{task}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, t=task: f"{t}: {m}")
         with torch.no_grad():
             moved.append(
                 float((want - AutoModelForCausalLM.from_pretrained(trained["base"]).double()(ids).logits).abs().max())

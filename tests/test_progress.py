@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 
-from cgc_lightning.callbacks.progress import StepProgressBar
+from cgc_lightning.callbacks.progress import RichStepProgressBar, StepProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,14 @@ def build(tmp_path, monkeypatch, *args: str):
         MultiTaskLoRAModule,
         MultiTaskDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
-        args=["--config", str(ROOT / "experiments/tiny.yaml"), *args],
+        # an absolute store: MLflow caches a store per URI, and a relative one would follow this test's cwd
+        args=[
+            "--config",
+            str(ROOT / "experiments/tiny.yaml"),
+            f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"--trainer.default_root_dir={tmp_path}/outputs",
+            *args,
+        ],
         run=False,
     )
 
@@ -32,12 +39,22 @@ def test_the_bar_totals_the_steps_of_a_max_steps_run_not_the_epoch(tmp_path, mon
     # an epoch of 100 batches, a run of 3 steps: Lightning's bar would end at 3/100
     cli = build(tmp_path, monkeypatch, "--trainer.max_steps=3", "--data.samples_per_epoch=400")
     bar = cli.trainer.progress_bar_callback
-    assert isinstance(bar, StepProgressBar)
+    assert isinstance(bar, (RichStepProgressBar, StepProgressBar))
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.num_training_batches == 100
-    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)
-    assert bar.train_progress_bar.desc.startswith("Epoch 0") and "/-" not in bar.train_progress_bar.desc
+    assert bar.total_train_batches == 3
     assert bar.get_metrics(cli.trainer, cli.model)["step"] == "3/3"
+    if isinstance(bar, RichStepProgressBar):  # Lightning's own read "Epoch 0/-2" under max_steps
+        assert bar._get_train_description(0).strip() == "Epoch 0"
+
+
+def test_the_total_counts_accumulated_batches_and_the_tqdm_bar_too(tmp_path, monkeypatch):
+    cli = build(tmp_path, monkeypatch, "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=3")
+    bar = StepProgressBar()
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ProgressBar)] + [bar]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert bar.total_train_batches == min(cli.trainer.num_training_batches, 6)
+    assert bar.train_progress_bar.n == bar.train_progress_bar.total
 
 
 @pytest.mark.parametrize(
@@ -47,6 +64,6 @@ def test_the_bar_totals_the_steps_of_a_max_steps_run_not_the_epoch(tmp_path, mon
 )
 def test_no_bar_of_ours_when_the_bar_is_off_or_the_config_brings_one(tmp_path, monkeypatch, args):
     cli = build(tmp_path, monkeypatch, *args)
-    bars = [c for c in cli.trainer.callbacks if isinstance(c, TQDMProgressBar)]
-    assert not any(isinstance(c, StepProgressBar) for c in bars)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    assert not any(isinstance(c, (StepProgressBar, RichStepProgressBar)) for c in bars)
     assert len(bars) == (0 if "false" in args[0] else 1)

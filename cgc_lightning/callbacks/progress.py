@@ -1,18 +1,18 @@
-"""The training progress bar with real totals: what the epoch will run under ``max_steps``, and the step count.
+"""The training progress bar with real totals under ``max_steps``: the batches this epoch will run, and the step.
 
-Lightning's bar counts the batches of the epoch's loader, so a 60-step run over a 2,000-batch epoch shows
-``60/2000`` when it ends, and its Rich bar reads ``Epoch 0/-2`` (``max_epochs`` is -1 under ``max_steps``).
-This one stops its total at the batches the run will really take in this epoch (steps left x
-``accumulate_grad_batches``, after the batches a resumed epoch already did) and shows ``step=k/max_steps``.
-The CLI adds it unless ``trainer.enable_progress_bar: false`` or another progress bar is configured.
+Lightning's Rich bar (its default when ``rich`` is installed) reads ``Epoch 0/-2`` under ``max_steps``
+(``max_epochs`` is -1 then), and both its bars total an epoch's batches without counting
+``accumulate_grad_batches`` or the batches a resumed epoch already did. These bars total what the run will
+really take in this epoch (steps left x ``accumulate_grad_batches``, after the batches already done), leave the
+epoch count off when there is none, and show ``step=k/max_steps``. The CLI adds the Rich one (or the TQDM one
+without ``rich``) unless ``trainer.enable_progress_bar: false`` or the config brings its own bar.
 """
 
 from __future__ import annotations
 
-import math
-
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 
 def epoch_batches(trainer: Trainer) -> float:
@@ -25,19 +25,35 @@ def epoch_batches(trainer: Trainer) -> float:
     return batches
 
 
-class StepProgressBar(TQDMProgressBar):
-    """TQDM bar whose training total and description hold under ``max_steps`` (module docstring)."""
+class _StepTotals:
+    """What both bars share: the epoch's real total, and the step count beside the metrics."""
 
-    def on_train_epoch_start(self, trainer: Trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        total = epoch_batches(trainer)
-        self.train_progress_bar.total = None if math.isinf(total) else int(total)
-        epochs = trainer.max_epochs
-        of = f"/{epochs - 1}" if epochs is not None and epochs > 0 and not trainer.max_steps > 0 else ""
-        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}{of}")
+    @property
+    def total_train_batches(self) -> int | float:
+        return epoch_batches(self.trainer)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
         if trainer.max_steps is not None and trainer.max_steps > 0:
             items = {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
         return items
+
+
+class StepProgressBar(_StepTotals, TQDMProgressBar):
+    """Lightning's TQDM bar with real totals (module docstring)."""
+
+
+class RichStepProgressBar(_StepTotals, RichProgressBar):
+    """Lightning's Rich bar with real totals, and no ``/-2`` epoch count under ``max_steps`` (module docstring)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs is not None and epochs > 0 else "")
+        if len(self.validation_description) > len(description):
+            description = f"{description:{len(self.validation_description)}}"
+        return description
+
+
+def step_progress_bar() -> StepProgressBar | RichStepProgressBar:
+    """The bar Lightning would pick (Rich where it is installed), with real totals."""
+    return RichStepProgressBar() if _RICH_AVAILABLE else StepProgressBar()
