@@ -113,6 +113,13 @@ def method_adapters(cfg: CompareConfig, base: dict) -> dict[str, dict]:
     return out
 
 
+def child_run_name(name: str, config: dict, *more: str) -> str:
+    """``<method name> [more] seed=<seed> <suffix>``: one method's run, told apart from other runs of its seed."""
+    from cgc_lightning.tracking import DEFAULT_SEED, seed_text, unique_run_name
+
+    return unique_run_name(name, *more, seed_text(config.get("seed_everything", DEFAULT_SEED)))
+
+
 def child_config(base: dict, adapter: dict, *, name: str, experiment: str, tracking_uri: str, parent: str) -> dict:
     """The base experiment with this method's adapter, logging into a child run of ``parent``."""
     config = copy.deepcopy(base)
@@ -123,7 +130,7 @@ def child_config(base: dict, adapter: dict, *, name: str, experiment: str, track
         raise ValueError(f"compare needs an MLflow logger; the base config's trainer.logger is {logger['class_path']}")
     init = dict((logger or {}).get("init_args", {}) if isinstance(logger, dict) else {})
     tags = {**(init.get("tags") or {}), "mlflow.parentRunId": parent, PARENT_TAG: parent, METHOD_TAG: name}
-    init.update(experiment_name=experiment, run_name=name, tracking_uri=tracking_uri, tags=tags)
+    init.update(experiment_name=experiment, run_name=child_run_name(name, config), tracking_uri=tracking_uri, tags=tags)
     init.pop("run_id", None)
     trainer["logger"] = {"class_path": MLFLOW_LOGGERS[0], "init_args": init}
     return config
@@ -161,7 +168,9 @@ def _fit_chain_and_test(config_path: Path, config: dict) -> str:
     client = MlflowClient(init["tracking_uri"])
     exp = client.get_experiment_by_name(init["experiment_name"])
     exp_id = exp.experiment_id if exp else client.create_experiment(init["experiment_name"])
-    method_run = client.create_run(exp_id, run_name=init.get("run_name"), tags=init.get("tags") or {}).info.run_id
+    name = (init.get("tags") or {}).get(METHOD_TAG) or section(config, "model").get("adapter", {}).get("method")
+    run_name = init.get("run_name") or child_run_name(name, config)
+    method_run = client.create_run(exp_id, run_name=run_name, tags=init.get("tags") or {}).info.run_id
     root = Path(init.get("checkpoint_dir") or "outputs")
     # the earlier stages' configs carry no compare tags: their runs belong to the method's run, not to the compare
     stage_cfg = copy.deepcopy(config)
@@ -175,7 +184,8 @@ def _fit_chain_and_test(config_path: Path, config: dict) -> str:
 
     def stage_run(stage: str) -> tuple[str, Path]:
         tags = {"mlflow.parentRunId": method_run, chain.STAGE_RUN_TAG: stage}
-        run_id = client.create_run(exp_id, run_name=f"{init.get('run_name')} stage={stage}", tags=tags).info.run_id
+        stage_name = child_run_name(name, config, f"stage={stage}")
+        run_id = client.create_run(exp_id, run_name=stage_name, tags=tags).info.run_id
         return run_id, root / exp_id / run_id / "checkpoints"
 
     trainer = config.get("trainer") or {}
@@ -453,7 +463,7 @@ def train(
     out_dir: Path | None,
 ) -> Report:
     """Train every method as a child run of a new parent run, then report on the parent."""
-    from cgc_lightning.tracking import MLflowLogger, default_tracking_uri
+    from cgc_lightning.tracking import DEFAULT_SEED, MLflowLogger, default_tracking_uri, seed_text, unique_run_name
 
     adapters = method_adapters(cfg, base)
     logger = (base.get("trainer") or {}).get("logger")
@@ -462,7 +472,7 @@ def train(
     experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
     parent = MLflowLogger(
         experiment_name=experiment,
-        run_name=f"compare:{config_path.stem}",
+        run_name=unique_run_name(f"compare:{config_path.stem}", seed_text(base.get("seed_everything", DEFAULT_SEED))),
         tracking_uri=tracking_uri,
         tags={
             ROLE_TAG: "parent",
@@ -552,7 +562,9 @@ def from_runs(args, cfg: CompareConfig | None) -> Report:
     target = parent
     if target is None:  # runs picked by a filter: the report gets a run of its own
         tags = {ROLE_TAG: "report", "compare.runs": ",".join(report.run_ids.values())}
-        target = client.create_run(exp.experiment_id, run_name="compare-report", tags=tags).info.run_id
+        from cgc_lightning.tracking import unique_run_name
+
+        target = client.create_run(exp.experiment_id, run_name=unique_run_name("compare-report"), tags=tags).info.run_id
         client.set_terminated(target)
     log_report(client, target, report, args.stage, out)
     print(f"compare: report logged to run {target}")

@@ -273,6 +273,30 @@ class Point:
         return " ".join(f"{(short or {}).get(k, k)}={v}" for k, v in self.names.items())
 
 
+#: Run names stay about this short (MLflow's runs table cuts longer ones off); the seed and the suffix are never cut.
+RUN_NAME_CHARS = 80
+
+
+def point_run_name(cfg: GridConfig, point: Point, *more: str) -> str:
+    """``<method> <axis>=<value> ... [more] seed=<seed> <suffix>``: what the point trains, then a unique suffix.
+
+    The method and seed come from the resolved config, so they show whether or not they are axes; the other axes
+    go by their short names (``r=8``). Only they are shortened when the name would run past :data:`RUN_NAME_CHARS`.
+    """
+    from cgc_lightning.tracking import DEFAULT_SEED, seed_text, unique_run_name
+
+    short = short_names([point])
+    method = get_key(point.config, METHOD_KEY) or "cgc_lora"
+    seed = seed_text(get_key(point.config, cfg.seed_key, DEFAULT_SEED))
+    # a value with no display name (a dict of clusters) keeps its head, so the axes after it still show
+    clip = lambda v: v if len(v) <= 24 else v[:21] + "..."  # noqa: E731
+    axes = " ".join(f"{short[k]}={clip(v)}" for k, v in point.names.items() if k not in (METHOD_KEY, cfg.seed_key))
+    room = RUN_NAME_CHARS - len(" ".join([method, "", *more, seed, "123456"]))
+    if len(axes) > room:
+        axes = axes[: max(room - 3, 0)] + "..."
+    return unique_run_name(method, axes, *more, seed)
+
+
 def point_id(config: dict) -> str:
     return hashlib.sha256(canonical(config).encode()).hexdigest()[:12]
 
@@ -411,7 +435,9 @@ def parent_run(store: Store, cfg: GridConfig, parent_id: str | None = None) -> s
         )
         if found:
             return found[0].info.run_id
-    return new_run(store, f"grid:{cfg.name}", {ROLE_TAG: "parent", NAME_TAG: cfg.name})
+    from cgc_lightning.tracking import unique_run_name
+
+    return new_run(store, unique_run_name(f"grid:{cfg.name}"), {ROLE_TAG: "parent", NAME_TAG: cfg.name})
 
 
 def child_runs(store: Store, parent_id: str, point: str | None = None) -> dict[str, Any]:
@@ -482,7 +508,7 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
     if run is None:
         tags = {PARENT_TAG: parent_id, NAME_TAG: cfg.name, POINT_TAG: point.id, ROLE_TAG: "point"}
         tags |= {f"grid.{k}": v for k, v in point.names.items()}
-        run_id = new_run(store, point.label(short_names([point])), tags)
+        run_id = new_run(store, point_run_name(cfg, point), tags)
         from mlflow.entities import Param
 
         params = [Param(f"grid.{k}", _cli_value(v)[:500]) for k, v in point.values.items()]
@@ -521,7 +547,7 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
 
                 def stage_run(stage: str) -> tuple[str, Path]:
                     tags = {PARENT_TAG: run_id, chain.STAGE_RUN_TAG: stage, ROLE_TAG: "modula_stage"}
-                    child = client.get_run(new_run(store, f"{point.label()} stage={stage}", tags))
+                    child = client.get_run(new_run(store, point_run_name(cfg, point, f"stage={stage}"), tags))
                     return child.info.run_id, store.checkpoints(child)
 
                 trainer_cfg = point.config.get("trainer") or {}

@@ -26,7 +26,7 @@ A stages config (YAML)::
     checkpoint: best                         # hand the next stage the best or the last checkpoint
     test: true                               # test the last stage's best checkpoint into its run
     experiment_name: null                    # MLflow experiment; default: the base config's
-    run_name: null                           # parent run name; default: <method>:<file name>
+    run_name: null                           # parent run name; default: <method>:<file name> seed=<seed> <suffix>
 
 Stage configs live in ``experiments/stages/``, apart from the experiment configs they point to.
 """
@@ -130,7 +130,9 @@ class StagesConfig:
     experiment_name: str | None = None
     """MLflow experiment of the parent and child runs; default: the base config's logger's."""
     run_name: str | None = None
-    """The parent run's name; default: ``<method>:<stages file name>``."""
+    """The parent run's name; default: ``<method>:<stages file name> seed=<seed> <suffix>``.
+
+    Each stage's run is ``<method>:<stage name> seed=<seed> <suffix>`` (the suffix tells apart runs of one config)."""
 
     def __post_init__(self):
         self.stages = [_stage_spec(s, i) for i, s in enumerate(self.stages)]
@@ -232,17 +234,19 @@ def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple
     from mlflow import MlflowClient
 
     from cgc_lightning.cli import main
-    from cgc_lightning.tracking import MLflowLogger, default_tracking_uri, mlflow_logger
+    from cgc_lightning.tracking import DEFAULT_SEED, MLflowLogger, default_tracking_uri, mlflow_logger, seed_text
+    from cgc_lightning.tracking import unique_run_name as named
 
     logger = (base.get("trainer") or {}).get("logger")
     init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
     tracking_uri = init.get("tracking_uri") or default_tracking_uri()
     experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
     method = (section(copy.deepcopy(base), "model").get("adapter") or {}).get("method", "cgc_lora")
+    seed = base.get("seed_everything", DEFAULT_SEED)
     stage_list = ",".join(s.stage for s in cfg.stages)
     parent = MLflowLogger(
         experiment_name=experiment,
-        run_name=cfg.run_name or f"{method}:{label}",
+        run_name=cfg.run_name or named(f"{method}:{label}", seed_text(seed)),
         tracking_uri=tracking_uri,
         tags={"method": method, "stages": stage_list, "stages.role": "parent"},
     )
@@ -268,7 +272,7 @@ def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple
                 init_adapter=init_adapter,
                 experiment=experiment,
                 tracking_uri=tracking_uri,
-                run_name=f"{method}:{spec.name}",
+                run_name=named(f"{method}:{spec.name}", seed_text(spec.overrides.get("seed_everything", seed))),
                 tags=tags,
             )
             path = work / f"{i}_{spec.name}.yaml"

@@ -6,6 +6,7 @@ Unless ``MLFLOW_TRACKING_URI`` or the config says otherwise, runs go to ``sqlite
 * params under stable names: ``method``, ``adapter.*``, ``model.*``, ``data.*``, ``optim.*``, ``trainer.*``, ``seed``;
 * tags ``method``, ``clusters``, ``tasks``, ``seed``, ``git_commit``;
 * the full resolved config as ``config.yaml``;
+* a name that says what it is, ``<method> seed=<seed> <suffix>`` unless one is given (:func:`unique_run_name`);
 * the best adapter (by the checkpoint monitor) as ``best_adapter/``, reloadable with
   :func:`cgc_lightning.export.load_adapter`.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -33,10 +35,28 @@ from cgc_lightning.config import COMMON_FIELDS, METHOD_FIELDS
 
 DEFAULT_STORE = "mlruns"
 DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
+#: The seed of a config that names none (``seed_everything_default`` of ``cli.main``).
+DEFAULT_SEED = 42
 
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def unique_run_name(*parts: object) -> str:
+    """``parts`` joined by spaces, then 6 hex characters that tell apart runs of one config and seed.
+
+    The suffix comes from ``os.urandom`` (``secrets``), never from ``random``, numpy or torch: naming a run neither
+    draws from the training's seeded generators nor depends on them. MLflow's own generator draws its names from
+    ``random``, which ``seed_everything`` has seeded, so every run of one seed got the same name; this project's
+    runs are therefore always created with a name.
+    """
+    return " ".join([*(str(p) for p in parts if p not in (None, "")), secrets.token_hex(3)])
+
+
+def seed_text(seed: object) -> str:
+    """``seed=<seed>`` for a run name; ``seed_everything: true`` draws the seed when ``fit`` starts."""
+    return "seed=random" if seed is True else "seed=none" if seed is False else f"seed={seed}"
 
 
 LOCKED_RETRIES = 8
@@ -129,7 +149,8 @@ class MLflowLogger(MLFlowLogger):
 
     Args:
         experiment_name: MLflow experiment.
-        run_name: MLflow run name.
+        run_name: MLflow run name; default ``<method> seed=<seed> <suffix>``, set by :class:`MLflowConfigCallback`
+            from the config (``run <suffix>`` where no config callback runs, e.g. ``fast_dev_run``).
         tracking_uri: default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns/mlflow.db``.
         tags: extra run tags.
         artifact_location: for a new experiment; default ``mlruns/artifacts`` with the default store.
@@ -170,6 +191,8 @@ class MLflowLogger(MLFlowLogger):
             log_model=False,
         )
         self.checkpoint_dir = checkpoint_dir
+        # named by `describe` (or, failing that, `experiment`) unless the name was given or the run exists already
+        self._default_name = run_name is None and run_id is None
         self._mlflow_client = LockRetryingClient(tracking_uri)  # many processes may share one SQLite store
         self.resume = resume
         self._logged_until: dict[str, int] = {}  # resumed run: last step already in the store, per metric
@@ -181,8 +204,21 @@ class MLflowLogger(MLFlowLogger):
     def save_dir(self) -> str:
         return self.checkpoint_dir
 
+    def describe(self, description: str) -> None:
+        """Name the run ``<description> <suffix>``, unless its name was given or it continues an existing run."""
+        if not self._default_name or rank_zero_only.rank != 0:
+            return
+        self._default_name = False
+        self._run_name = unique_run_name(description)
+        if self._initialized:  # created already (under the placeholder name): rename it
+            self._mlflow_client.set_tag(self._run_id, "mlflow.runName", self._run_name)
+
     @property
     def experiment(self):
+        if self._default_name and self._run_name is None and not self._initialized:
+            # the config callback names the run before it is created; whatever creates it earlier must not leave the
+            # name to MLflow's generator (seeded by `seed_everything`: one name for every run of a seed)
+            self._run_name = unique_run_name("run")
         client = MLFlowLogger.experiment.fget(self)
         if not getattr(self, "_kind_marked", False) and self._experiment_id is not None:
             self._kind_marked = True
@@ -359,6 +395,17 @@ class MLflowConfigCallback(SaveConfigCallback):
     def __init__(self, *args, **kwargs):
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if isinstance(logger, MLflowLogger) and not self.already_saved:
+            # the config is known here, before anything logs: the run is named after what it trains
+            # (seed_everything: true is the seed LightningCLI drew by now)
+            method = run_params(self.config.as_dict())["method"]
+            fn = getattr(stage, "value", stage)  # a TrainerFn enum or its string
+            seed = seed_text(self.config.get("seed_everything"))
+            logger.describe(f"{method} {seed}" if fn == "fit" else f"{method} {seed} {fn}")
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         logger = mlflow_logger(trainer)
