@@ -19,6 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -236,8 +237,38 @@ TOOLS = {
 }
 
 
+def _config_paths(argv: list[str]) -> list[str]:
+    """The files given as ``--config PATH`` or ``--config=PATH``."""
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return paths + [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+
+
+def check_yaml_syntax(argv: list[str]) -> None:
+    """A YAML syntax error in a ``--config`` file is one line that names the file and line.
+
+    (jsonargparse would say ``<unicode string>``.)
+    """
+    for path in _config_paths(argv):
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue  # a missing file: jsonargparse's own error names it
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+            if context and start is not None:
+                context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+            print(f"error: {path}{where}: {problem}" + (f" ({context})" if context else ""), file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 def main(args: list[str] | None = None) -> CGCLightningCLI | None:
     argv = sys.argv[1:] if args is None else args
+    check_yaml_syntax(argv)
     if argv and argv[0] in TOOLS:
         module, _, function = TOOLS[argv[0]].partition(":")
         result = getattr(importlib.import_module(module), function or "main")(argv[1:])

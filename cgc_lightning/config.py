@@ -100,8 +100,9 @@ class AdapterConfig:
     method: Method = "cgc_lora"
     """``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``, ``modula_res`` or ``modula_flan``."""
     target_modules: str | list[str] = "auto"
-    """Layers to adapt: ``auto`` (the preset for the model's family), a preset name (``llama``,
-    ``qwen2``, ``gemma``, ``gemma3``, ``gpt2``), or a list of patterns: an exact module name, a
+    """Layers to adapt: ``auto`` (the preset for the model's family, else PEFT's per-architecture mapping, with a
+    warning), a preset name (``llama``, ``qwen2``, ``gemma``, ``gemma3``, ``gpt2``, ``phi3``, ``stablelm``), or a
+    list of patterns: an exact module name, a
     suffix such as ``q_proj``, or ``re:<regex>`` matched against the full name."""
     r: int = 8
     """LoRA rank of each expert (the total rank for ``moelora`` with ``split_rank``)."""

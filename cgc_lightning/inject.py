@@ -10,6 +10,7 @@ adapter-only checkpoints are name filters.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ PRESETS: dict[str, list[str]] = {
     "gemma3": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "stablelm": _LLAMA_LIKE,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
 }
 ADAPTER_PREFIXES = ("lora_", "gate_", "router_")
 SHARED_GATE_NAME = "adapter_gate"
@@ -141,20 +145,46 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
-    """Turn ``auto``, a preset name or a pattern list into a pattern list."""
+    """Turn ``auto``, a preset name or a pattern list into a pattern list.
+
+    ``auto`` takes this project's preset for ``config.model_type`` (every attention and MLP projection); a model type
+    without one falls back on PEFT's per-architecture mapping (``q``/``v`` projections mostly), with a warning that
+    says which layers that adapts and how to choose others.
+    """
     if isinstance(target_modules, str):
         key = target_modules
         if key == "auto":
             key = getattr(getattr(model, "config", None), "model_type", None)
             if key not in PRESETS:
-                raise ValueError(
-                    f"no target-module preset for model_type {key!r}; set adapter.target_modules to a list of "
-                    f"layer names. Linear layers in this model: {', '.join(linear_layer_names(model))}"
-                )
+                return _peft_target_modules(model, key)
         if key in PRESETS:
             return list(PRESETS[key])
         return [target_modules]
     return list(target_modules)
+
+
+def _peft_target_modules(model: nn.Module, model_type: str | None) -> list[str]:
+    """PEFT's default LoRA targets for ``model_type`` as our patterns, or an error that lists the model's layers."""
+    layers = ", ".join(linear_layer_names(model))
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_mapping
+    except ImportError:
+        peft_mapping, hint = {}, " (with `peft` installed, its per-architecture mapping would be tried)"
+    else:
+        hint = " nor in PEFT's per-architecture mapping"
+    found = peft_mapping.get(model_type)
+    if not found:
+        raise ValueError(
+            f"no target-module preset for model_type {model_type!r}{hint}; set adapter.target_modules to a list of "
+            f"layer names. Linear layers in this model: {layers}"
+        )
+    patterns = ["re:" + found] if isinstance(found, str) else list(found)
+    warnings.warn(
+        f"adapter.target_modules: auto has no preset of its own for model_type {model_type!r}; using PEFT's mapping "
+        f"{patterns}. To adapt other layers, list them in adapter.target_modules (linear layers: {layers})",
+        stacklevel=3,
+    )
+    return patterns
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

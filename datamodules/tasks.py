@@ -118,6 +118,19 @@ def read_file(path: str) -> list[dict]:
     return ds.to_list()
 
 
+def _row_place(origin: str, i: int) -> str:
+    """Where row ``i`` (0-based, as read) of ``origin`` is in the file: its line, where lines can be counted."""
+    path = Path(origin)
+    if path.suffix == ".jsonl" and path.is_file():  # datasets skips blank lines: count the lines with text
+        with path.open(encoding="utf-8", errors="replace") as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+        if i < len(lines):
+            return f"line {lines[i]}"
+    if path.suffix == ".csv":
+        return f"line {i + 2}"  # after the header (a cell spanning lines would shift this)
+    return f"row {i + 1}"
+
+
 def read_hub(name: str, split: str) -> list[dict]:
     import datasets
 
@@ -171,8 +184,8 @@ def load_task_rows(
         missing = [k for k in needed if k not in row or row[k] is None]
         if missing:
             raise DataError(
-                f"task {spec.name!r}: {origin}, row {i + 1}: missing or empty field(s) {missing}; its fields with "
-                f"a value are {sorted(k for k, v in row.items() if v is not None)}"
+                f"task {spec.name!r}: {origin}, {_row_place(origin, i)}: missing or empty field(s) {missing}; "
+                f"its fields with a value are {sorted(k for k, v in row.items() if v is not None)}"
             )
         ch = row.get(choices) if choices else None
         if isinstance(ch, str):  # PromptCBLUE stores choices as a list; CSV cells arrive as text

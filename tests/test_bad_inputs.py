@@ -244,7 +244,7 @@ CASES = [
     ),
     pytest.param(
         qa_file("qa.jsonl", qa_rows(6) + json.dumps({"question": "What is 7 + 1?"}) + "\n" + qa_rows(5)),
-        ["task 'qa'", "data/qa.jsonl, row 7", "missing or empty field(s) ['answer']"],
+        ["task 'qa'", "data/qa.jsonl, line 7", "missing or empty field(s) ['answer']"],
         id="jsonl-row-without-target",
     ),
     pytest.param(
@@ -347,7 +347,7 @@ CASES = [
     # ---- the config file
     pytest.param(
         raw_config("trainer: [unclosed\n"),
-        ["Problems parsing config", "did not find expected ',' or ']'"],
+        ["bad.yaml, line 41, column 1: expected ',' or ']'", "flow sequence that starts at line 40, column 10"],
         id="yaml-syntax-error",
     ),
     pytest.param(

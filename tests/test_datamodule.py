@@ -251,14 +251,25 @@ def test_unknown_source_is_refused_when_the_data_module_is_built(tmp_path):
         make_dm(tmp_path, tasks=[{"name": "x", "cluster": "c", "source": "s3://bucket/x.json"}])
 
 
-def test_missing_field_names_file_and_row(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "a?", "answer": "b"}) + "\n" + json.dumps({"question": "c?"}) + "\n")
+@pytest.mark.parametrize(
+    "name, content, place",
+    [
+        # a blank line between records: the line number is the editor's, not the record's
+        ("bad.jsonl", '{"question": "a?", "answer": "b"}\n\n{"question": "c?"}\n', "line 3"),
+        ("bad.csv", "question,answer\na?,b\nc?,\n", "line 3"),  # the header is line 1
+        ("bad.json", '[{"question": "a?", "answer": "b"}, {"question": "c?", "answer": null}]', "row 2"),
+    ],
+)
+def test_missing_field_names_file_and_line(tmp_path, name, content, place):
+    bad = tmp_path / name
+    bad.write_text(content)
     dm = make_dm(
         tmp_path, tasks=[{"name": "qa", "cluster": "c", "source": str(bad), "prompt": "{question}", "target": "answer"}]
     )
-    # rows count from 1, as an editor shows them; a key present with a null value counts as missing
-    with pytest.raises(DataError, match=r"task 'qa': .*bad.jsonl, row 2: missing or empty field\(s\) \['answer'\]"):
+    # a key present with a null value counts as missing; its fields with a value are listed
+    match = rf"task 'qa': .*{name}, {place}: missing or empty field\(s\) \['answer'\]; its fields with a value are "
+    match += r"\['question'\]"
+    with pytest.raises(DataError, match=match):
         dm.setup("fit")
 
 

@@ -276,3 +276,40 @@ def test_bf16_autocast_trains_float32_adapters(name, expert_path):
     assert all(torch.isfinite(p.grad).all() for _, p in trained)
     assert any(p.grad.abs().sum() > 0 for n, p in trained if ".lora_A" in n)
     assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
+
+
+def _small(config_cls, **kw):
+    from transformers import AutoModelForCausalLM
+
+    base = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    return AutoModelForCausalLM.from_config(config_cls(**{**base, **kw}))
+
+
+def test_auto_targets_every_projection_of_phi3_and_stablelm():
+    from transformers import Phi3Config, StableLmConfig
+
+    for model, expected in [
+        (_small(Phi3Config, pad_token_id=0), {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+        (_small(StableLmConfig), {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ]:
+        inject_adapters(model, AdapterConfig(method="joint_lora"), LAYOUT)
+        assert {n.rsplit(".", 1)[-1] for n, _ in adapted_layers(model)} == expected
+
+
+def test_auto_falls_back_on_peft_mapping_with_a_warning():
+    pytest.importorskip("peft")
+    from transformers import OPTConfig
+
+    model = _small(OPTConfig, ffn_dim=32, max_position_embeddings=32, word_embed_proj_dim=16)
+    match = r"no preset of its own for model_type 'opt'; using PEFT's mapping \['q_proj', 'v_proj'\]"
+    with pytest.warns(UserWarning, match=match):
+        inject_adapters(model, AdapterConfig(method="joint_lora"), LAYOUT)
+    assert {n.rsplit(".", 1)[-1] for n, _ in adapted_layers(model)} == {"q_proj", "v_proj"}
+
+
+def test_auto_without_any_mapping_names_the_model_type_and_its_layers():
+    model = tiny_model("llama")
+    model.config.model_type = "my_llm"
+    match = r"no target-module preset for model_type 'my_llm'.*Linear layers in this model: q_proj"
+    with pytest.raises(ValueError, match=match):
+        inject_adapters(model, AdapterConfig(), LAYOUT)
