@@ -508,12 +508,8 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
     if run is None:
         tags = {PARENT_TAG: parent_id, NAME_TAG: cfg.name, POINT_TAG: point.id, ROLE_TAG: "point"}
         tags |= {f"grid.{k}": v for k, v in point.names.items()}
-        run_id = new_run(store, point_run_name(cfg, point), tags)
-        from mlflow.entities import Param
-
-        params = [Param(f"grid.{k}", _cli_value(v)[:500]) for k, v in point.values.items()]
-        client.log_batch(run_id, params=params)
-        run = client.get_run(run_id)
+        # the axis values are tags; the fit logs every value once as a param under its stable name (adapter.r, seed)
+        run = client.get_run(new_run(store, point_run_name(cfg, point), tags))
     run_id, ckpts = run.info.run_id, store.checkpoints(run)
     # placed on a GPU by the grid: report the peak memory, by which the grid packs points onto GPUs
     peak_report = (

@@ -384,7 +384,7 @@ def run_params(config: dict) -> dict:
     ):
         if trainer.get(k) is not None:
             params[f"trainer.{k}"] = trainer[k]
-    params["method"] = params.get("adapter.method", "cgc_lora")
+    params["method"] = params.pop("adapter.method", "cgc_lora")  # one column for the method, not two
     params["seed"] = config.get("seed_everything")
     return {k: str(v) for k, v in params.items() if v is not None}
 

@@ -72,7 +72,7 @@ def test_fit_then_test_logs_everything_to_the_default_store(tmp_path):
     assert len(client.get_metric_history(run_id, "val/avg/score")) == 2  # val_check_interval 3 of 6 steps
 
     params = run.data.params
-    assert params["method"] == params["adapter.method"] == "cgc_lora"
+    assert params["method"] == "cgc_lora" and "adapter.method" not in params, "the method is one param"
     assert (params["adapter.r"], params["adapter.num_shared"], params["adapter.num_specific"]) == ("4", "2", "1")
     assert params["optim.lr"] == "0.005" and params["seed"] == "7" and params["trainer.max_steps"] == "6"
     assert int(params["params.trainable"]) < int(params["params.total"])
@@ -199,6 +199,7 @@ def test_run_params_list_only_the_fields_the_method_reads(method):
         "independent_lora": set(),
         "modula_res": {"stage", "num_universal", "load_balance_coef"},
     }[method]
-    # the common fields that have a value (None-valued ones are not logged), then the method's own
-    assert logged == {"method", "target_modules", "r", "alpha", "dropout", "rslora", "exclude_modules"} | expected
+    # the common fields that have a value (None-valued ones are not logged), then the method's own; the method is
+    # the one param `method`, not `adapter.method` as well
+    assert logged == {"target_modules", "r", "alpha", "dropout", "rslora", "exclude_modules"} | expected
     assert params["method"] == method

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import subprocess
@@ -148,6 +149,26 @@ def test_compare_end_to_end_on_the_tiny_config(tmp_path):
     assert names[0] == names[1] == names[2] and "val/plausible/accuracy" in names[0] and "seesaw/rate" in names[0]
     artifacts = {a.path for a in client.list_artifacts(children["cgc_lora"].info.run_id, "diagnostics")}
     assert {"diagnostics/task_metrics.png", "diagnostics/grad_cosine.png", "diagnostics/gate_usage.png"} <= artifacts
+    # per-task diagnostics are tables, not metrics: the run's metrics are the scores and a few summaries
+    tables = {"seesaw_deltas", "grad_cosines", "grad_norms", "gate_weights"}
+    assert {f"diagnostics/{t}.json" for t in tables} <= artifacts
+    cgc = children["cgc_lora"]
+    diagnostic = {k for k in cgc.data.metrics if k.startswith(("seesaw/", "gate/", "grad_conflict/"))}
+    assert diagnostic <= {
+        "seesaw/improving", "seesaw/degrading", "seesaw/event", "seesaw/events", "seesaw/rate",
+        "gate/entropy", "gate/max_from_uniform", "grad_conflict/min_cos", "grad_conflict/neg_frac",
+    }, diagnostic  # fmt: skip
+
+    def load(name):  # what mlflow.load_table reads: {"columns": [...], "data": [[...], ...]}
+        table = json.loads(Path(client.download_artifacts(cgc.info.run_id, f"diagnostics/{name}.json")).read_text())
+        return {c: [row[i] for row in table["data"]] for i, c in enumerate(table["columns"])}
+
+    assert "diagnostics/gate_weights.json" in cgc.data.tags["mlflow.loggedArtifacts"]  # found by mlflow.load_table
+    weights = load("gate_weights")
+    assert set(weights) >= {"step", "task", "expert", "weight", "task_entropy"}
+    assert set(weights["task"]) == {"plausible", "qa", "count"}
+    cosines = load("grad_cosines")
+    assert set(zip(cosines["task_a"], cosines["task_b"], strict=True)) == {("plausible", "qa")}  # one shared pair
 
     assert {"comparison.csv", "comparison.md", "delta_m.png", "compare_config.yaml", "logs"} <= {
         a.path for a in client.list_artifacts(pid)

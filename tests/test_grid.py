@@ -434,7 +434,8 @@ def test_killed_grid_resumes_to_four_finished_runs(tmp_path):
         m = r.data.metrics
         for task, metric in [("plausible", "accuracy"), ("qa", "exact_match"), ("count", "f1")]:
             assert 0.0 <= m[f"test/{task}/{metric}"] <= 1.0 and m[f"test/{task}/loss"] > 0
-        assert r.data.params["grid.model.adapter.method"] == r.data.tags["grid.model.adapter.method"]
+        assert r.data.params["method"] == r.data.tags["grid.model.adapter.method"]
+        assert not [k for k in r.data.params if k.startswith("grid.")], "axis values are tags, params are logged once"
         assert r.data.params["trainer.max_steps"] == "12"
         history = [h.step for h in client.get_metric_history(r.info.run_id, "val/avg/score")]
         steps = steps or sorted(set(history))

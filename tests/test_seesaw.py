@@ -249,6 +249,10 @@ def test_callbacks_run_in_a_fit_without_mlflow_and_leave_training_unchanged(tmp_
             f"--data.cache_dir={tmp_path}/cache",
             f"--trainer.default_root_dir={tmp_path}/out",
             "--grad_conflict.every_n_steps=1",
+            # no MLflow here for the per-task tables: the CSV logger gets them as metrics
+            "--seesaw.per_task_metrics=true",
+            "--grad_conflict.per_task_metrics=true",
+            "--gate_usage.per_task_metrics=true",
         ]
         if not diagnostics:
             args += ["--seesaw.enabled=false", "--grad_conflict.enabled=false", "--gate_usage.enabled=false"]

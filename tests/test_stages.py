@@ -4,6 +4,7 @@ from MLflow; every shipped stages config parses."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -152,7 +153,11 @@ def test_three_stages_then_a_new_domain_read_back_from_mlflow(tmp_path, monkeypa
     assert 0 < last.data.metrics["train/aux_loss"] < 1  # 0.01 x about 1 in each of the 14 adapted layers
     assert "train/aux_loss" not in children[0].data.metrics and "train/aux_loss" not in children[1].data.metrics
     if importlib.util.find_spec("cgc_lightning.callbacks") is not None:  # the seesaw diagnostics log router use
-        assert 0 <= last.data.metrics["gate/plausible/domain.judge"] <= 1
+        table = json.loads(
+            Path(client.download_artifacts(last.info.run_id, "diagnostics/gate_weights.json")).read_text()
+        )
+        rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+        assert [r for r in rows if (r["task"], r["expert"]) == ("plausible", "domain.judge") and 0 <= r["weight"] <= 1]
     adapter_uri = parent.data.tags["stages.adapter"]
     assert adapter_uri == f"runs:/{last.info.run_id}/best_adapter"
 

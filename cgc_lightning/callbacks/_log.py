@@ -50,6 +50,22 @@ def log_json(trainer: Trainer, data: dict, path: str) -> None:
         warnings.warn(f"could not log {path} to MLflow: {e}", stacklevel=2)
 
 
+def log_rows(trainer: Trainer, rows: list[dict], path: str) -> None:
+    """Append ``rows`` (dicts with the same keys) to the MLflow table artifact ``path`` (``log_table`` appends).
+
+    Per-task diagnostics go here rather than into metrics: a run's metric list stays short enough that its
+    validation and test metrics are easy to find in the MLflow UI, and the series is still one table to read
+    (``mlflow.load_table``) or to open in the run's artifact view.
+    """
+    logger = mlflow_logger(trainer)
+    if logger is None or not trainer.is_global_zero or not rows:
+        return
+    try:
+        logger.experiment.log_table(logger.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=path)
+    except Exception as e:
+        warnings.warn(f"could not log {path} to MLflow: {e}", stacklevel=2)
+
+
 class Stopwatch:
     """Seconds a callback has spent on its diagnostics, so their overhead can be measured and reported."""
 

@@ -36,7 +36,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_metrics
+from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_metrics, log_rows
 from cgc_lightning.inject import adapted_layers, adapter_parameters, injection
 from cgc_lightning.routing import route
 
@@ -245,9 +245,11 @@ def _to(batch: dict | None, device: torch.device) -> dict | None:
 class GradientConflictMonitor(Callback):
     """Every ``every_n_steps`` optimizer steps: task-by-task gradient cosines on the shared parameters.
 
-    Logs (step = ``global_step``): ``grad_conflict/cos/<a>/<b>`` for each pair that shares parameters,
-    ``grad_conflict/min_cos``, ``grad_conflict/neg_frac`` (share of those pairs with a negative cosine),
-    ``grad_conflict/<task>/grad_norm``; and at each validation the heatmap of the latest matrix,
+    Logs (step = ``global_step``): ``grad_conflict/min_cos`` and ``grad_conflict/neg_frac`` (share of the pairs
+    that share parameters with a negative cosine); each pair's cosine and each task's gradient norm as rows of
+    the tables ``diagnostics/grad_cosines.json`` and ``diagnostics/grad_norms.json``, written at each validation
+    and at the end of ``fit`` (or as metrics ``grad_conflict/cos/<a>/<b>`` and ``grad_conflict/<task>/grad_norm``
+    with ``per_task_metrics``); and at each validation the heatmap of the latest matrix,
     ``diagnostics/grad_cosine.png``. Runs on rank 0 only, on ``pl_module.model`` (outside DDP).
     Nothing is logged for a method whose tasks share no parameter (independent LoRA).
 
@@ -261,6 +263,7 @@ class GradientConflictMonitor(Callback):
             the parameters, not the data), or ``batch``, the current training batch split by task
             (tasks missing from it get ``nan``).
         plot: log the heatmap at each validation.
+        per_task_metrics: log each pair's cosine and each task's norm as metrics too, not only as tables.
     """
 
     def __init__(
@@ -270,6 +273,7 @@ class GradientConflictMonitor(Callback):
         examples_per_task: int = 4,
         probe: Literal["fixed", "batch"] = "fixed",
         plot: bool = True,
+        per_task_metrics: bool = False,
     ):
         if every_n_steps < 0 or examples_per_task < 1:
             raise ValueError(
@@ -285,14 +289,16 @@ class GradientConflictMonitor(Callback):
             probe,
             plot,
         )
+        self.per_task_metrics = per_task_metrics
         self.history: list[tuple[int, ConflictStats]] = []
+        self._unlogged = 0  # measurements in `history` not yet written to the tables
         self.stopwatch = Stopwatch()
         self._slices: list[SharedSlice] | None = None
         self._probes: list[dict | None] | None = None
         self._last_step = -1
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._slices, self._probes, self._last_step, self.history = None, None, -1, []
+        self._slices, self._probes, self._last_step, self.history, self._unlogged = None, None, -1, [], 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -306,7 +312,8 @@ class GradientConflictMonitor(Callback):
             stats = self.measure(trainer, pl_module, batch)
             if stats is not None:
                 self.history.append((step, stats))
-                log_metrics(trainer, self._metrics(stats), step)
+                self._unlogged += 1
+                log_metrics(trainer, self._metrics(stats, self.per_task_metrics), step)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: dict) -> ConflictStats | None:
         model = pl_module.model
@@ -327,22 +334,49 @@ class GradientConflictMonitor(Callback):
             return gradient_conflict(model, probes, self._slices)
 
     @staticmethod
-    def _metrics(stats: ConflictStats) -> dict[str, float]:
-        out = {f"grad_conflict/cos/{stats.tasks[a]}/{stats.tasks[b]}": v for a, b, v in stats.pairs()}
-        if out:
+    def _metrics(stats: ConflictStats, per_task: bool = True) -> dict[str, float]:
+        pairs = {f"grad_conflict/cos/{stats.tasks[a]}/{stats.tasks[b]}": v for a, b, v in stats.pairs()}
+        out = dict(pairs) if per_task else {}
+        if pairs:
             out["grad_conflict/min_cos"] = stats.min_cos
             out["grad_conflict/neg_frac"] = stats.negative_fraction
-        for t, v in zip(stats.tasks, stats.norms.tolist(), strict=True):
-            if math.isfinite(v):
-                out[f"grad_conflict/{t}/grad_norm"] = v
+        if per_task:
+            for t, v in zip(stats.tasks, stats.norms.tolist(), strict=True):
+                if math.isfinite(v):
+                    out[f"grad_conflict/{t}/grad_norm"] = v
         return out
 
+    def _log_tables(self, trainer: Trainer) -> None:
+        """Append the measurements since the last call to ``diagnostics/grad_cosines.json`` and ``grad_norms.json``."""
+        new, self._unlogged = (self.history[-self._unlogged :] if self._unlogged else []), 0
+        cosines = [
+            {"step": step, "task_a": s.tasks[a], "task_b": s.tasks[b], "cos": v}
+            for step, s in new
+            for a, b, v in s.pairs()
+        ]
+        norms = [
+            {"step": step, "task": t, "grad_norm": v}
+            for step, s in new
+            for t, v in zip(s.tasks, s.norms.tolist(), strict=True)
+            if math.isfinite(v)
+        ]
+        log_rows(trainer, cosines, "diagnostics/grad_cosines.json")
+        log_rows(trainer, norms, "diagnostics/grad_norms.json")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and trainer.is_global_zero:
+            with self.stopwatch():
+                self._log_tables(trainer)
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (self.enabled and self.plot and self.history) or trainer.sanity_checking:
+        if not (self.enabled and self.history) or trainer.sanity_checking:
             return
         if trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero or not trainer.loggers:
             return
         with self.stopwatch():
+            self._log_tables(trainer)
+            if not self.plot:
+                return
             step, stats = self.history[-1]
             cos, tasks = stats.cos.tolist(), stats.tasks
             title = f"gradient cosine on shared parameters, step {step}\n(blank: the pair shares nothing)"

@@ -25,7 +25,7 @@ from torch import nn
 
 from cgc_lightning.adapters.cgc_lora import expert_layout
 from cgc_lightning.adapters.experts import spread_weights
-from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_json, log_metrics
+from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_json, log_metrics, log_rows
 from cgc_lightning.config import AdapterConfig, TaskLayout
 from cgc_lightning.inject import adapted_layers, injection
 from cgc_lightning.routing import route
@@ -207,9 +207,11 @@ def gate_usage(model: nn.Module, batches: Sequence[dict]) -> GateUsage | None:
 class GateUsageMonitor(Callback):
     """At each validation during ``fit``: each task's average gate weight per expert, and gate entropy.
 
-    Logs (step = ``global_step``): ``gate/<task>/<expert>`` (averaged over layers, experts the task can
-    reach) and ``gate/<task>/entropy``; artifacts ``diagnostics/gate_usage.png`` (task x expert,
-    averaged over layers) and ``diagnostics/gate_usage.json`` (per layer), refreshed each time.
+    Logs (step = ``global_step``): ``gate/entropy`` (the mean over tasks); each task's weight per expert
+    (averaged over layers, experts the task can reach) and its entropy as rows of the table
+    ``diagnostics/gate_weights.json`` (or as metrics ``gate/<task>/<expert>`` and ``gate/<task>/entropy`` with
+    ``per_task_metrics``); artifacts ``diagnostics/gate_usage.png`` (task x expert, averaged over layers) and
+    ``diagnostics/gate_usage.json`` (per layer), refreshed each time.
     The weights are read, through forward pre-hooks, off the validation loop's own forward pass of
     the first ``examples_per_task`` examples of each validation loader's first batch: no extra pass.
 
@@ -223,17 +225,23 @@ class GateUsageMonitor(Callback):
         examples_per_task: examples of each validation loader's first batch that count.
         plot: log the heatmap and the per-layer table.
         uniform_tolerance: distance from uniform under which a gate counts as not having learned.
+        per_task_metrics: log each task's weights and entropy as metrics too, not only as the table.
     """
 
     def __init__(
-        self, enabled: bool = True, examples_per_task: int = 8, plot: bool = True, uniform_tolerance: float = 0.02
+        self,
+        enabled: bool = True,
+        examples_per_task: int = 8,
+        plot: bool = True,
+        uniform_tolerance: float = 0.02,
+        per_task_metrics: bool = False,
     ):
         if examples_per_task < 1:
             raise ValueError(f"gate_usage.examples_per_task must be >= 1, got {examples_per_task}")
         if not 0 <= uniform_tolerance < 1:
             raise ValueError(f"gate_usage.uniform_tolerance must be in [0, 1), got {uniform_tolerance}")
         self.enabled, self.examples_per_task, self.plot = enabled, examples_per_task, plot
-        self.uniform_tolerance = uniform_tolerance
+        self.uniform_tolerance, self.per_task_metrics = uniform_tolerance, per_task_metrics
         self._warned_uniform = False
         self.last: GateUsage | None = None
         self.stopwatch = Stopwatch()
@@ -272,13 +280,21 @@ class GateUsageMonitor(Callback):
             self.last = usage
             step = trainer.global_step
             mean_w, mean_h = usage.mean_weight(), usage.mean_entropy()
-            out = {}
+            per_task, rows = {}, []
             for t, task in enumerate(usage.tasks):
+                entropy = float(mean_h[t]) if math.isfinite(float(mean_h[t])) else None
                 for e, label in enumerate(usage.experts):
                     if math.isfinite(float(mean_w[t, e])):
-                        out[f"gate/{task}/{label}"] = float(mean_w[t, e])
-                if math.isfinite(float(mean_h[t])):
-                    out[f"gate/{task}/entropy"] = float(mean_h[t])
+                        per_task[f"gate/{task}/{label}"] = float(mean_w[t, e])
+                        rows.append({"step": step, "task": task, "expert": label, "weight": float(mean_w[t, e])})
+                        rows[-1]["task_entropy"] = entropy
+                if entropy is not None:
+                    per_task[f"gate/{task}/entropy"] = entropy
+            entropies = [float(h) for h in mean_h.tolist() if math.isfinite(h)]
+            out = dict(per_task) if self.per_task_metrics else {}
+            if entropies:
+                out["gate/entropy"] = sum(entropies) / len(entropies)
+            log_rows(trainer, rows, "diagnostics/gate_weights.json")
             if pl_module.adapter_config.method in SOFTMAX_GATES:
                 out["gate/max_from_uniform"] = distance_from_uniform(usage.weight)
                 self._check_uniform(trainer, pl_module, out["gate/max_from_uniform"])

@@ -22,7 +22,7 @@ from typing import Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_metrics
+from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_metrics, log_rows
 from cgc_lightning.metrics import LOWER_IS_BETTER
 
 
@@ -108,10 +108,11 @@ class SeesawTracker:
 class SeesawMonitor(Callback):
     """Per-task change at every validation during ``fit``, seesaw events, their rate, and the curves.
 
-    Logs at each validation (step = ``global_step``): ``seesaw/<task>/delta`` and
-    ``seesaw/<task>/delta_loss`` (change since the last validation), ``seesaw/improving`` and
-    ``seesaw/degrading`` (task counts), ``seesaw/event`` (0 or 1), ``seesaw/events`` and
-    ``seesaw/rate``; and the artifact ``diagnostics/task_metrics.png``.
+    Logs at each validation (step = ``global_step``): ``seesaw/improving`` and ``seesaw/degrading`` (task
+    counts), ``seesaw/event`` (0 or 1), ``seesaw/events`` and ``seesaw/rate``; each task's change since the last
+    validation (``delta`` of its metric, ``delta_loss``) as rows of the table ``diagnostics/seesaw_deltas.json``
+    (or as metrics ``seesaw/<task>/delta`` and ``seesaw/<task>/delta_loss`` with ``per_task_metrics``); and the
+    artifact ``diagnostics/task_metrics.png``.
 
     Args:
         enabled: turn the callback off.
@@ -119,6 +120,8 @@ class SeesawMonitor(Callback):
         margin: a task counts as improving or degrading only when it moves by more than this
             (in the signal's units: metrics are in [0, 1]).
         plot: log ``diagnostics/task_metrics.png``, refreshed at each validation.
+        per_task_metrics: log the per-task changes as metrics too, not only as the table (with many tasks
+            they bury the validation and test metrics in the MLflow UI).
     """
 
     def __init__(
@@ -127,10 +130,12 @@ class SeesawMonitor(Callback):
         signal: Literal["metric", "loss"] = "metric",
         margin: float = 0.01,
         plot: bool = True,
+        per_task_metrics: bool = False,
     ):
         if signal not in ("metric", "loss"):
             raise ValueError(f"seesaw.signal must be 'metric' or 'loss', got {signal!r}")
         self.enabled, self.signal, self.margin, self.plot = enabled, signal, margin, plot
+        self.per_task_metrics = per_task_metrics
         # both are tracked (each one's deltas are logged, both are plotted); `signal` picks the one that decides
         self.metric_history: SeesawTracker | None = None
         self.loss_history: SeesawTracker | None = None
@@ -180,8 +185,16 @@ class SeesawMonitor(Callback):
         l_change = self.loss_history.update(step, {t: read(f"val/{t}/loss") for t in names})
         change = m_change if self.signal == "metric" else l_change
         if change is not None:
-            out = {f"seesaw/{t}/delta": d for t, d in m_change.delta.items()}
-            out |= {f"seesaw/{t}/delta_loss": d for t, d in l_change.delta.items()}
+            out = {}
+            if self.per_task_metrics:
+                out = {f"seesaw/{t}/delta": d for t, d in m_change.delta.items()}
+                out |= {f"seesaw/{t}/delta_loss": d for t, d in l_change.delta.items()}
+            rows = [
+                {"step": step, "task": t, "delta": m_change.delta.get(t), "delta_loss": l_change.delta.get(t)}
+                for t in names
+                if t in m_change.delta or t in l_change.delta
+            ]
+            log_rows(trainer, rows, "diagnostics/seesaw_deltas.json")
             out |= {
                 "seesaw/improving": float(len(change.improving)),
                 "seesaw/degrading": float(len(change.degrading)),
