@@ -156,11 +156,28 @@ class CGCLightningCLI(LightningCLI):
             callbacks = [*callbacks, step_progress_bar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def after_fit(self) -> None:
+        self._show_run()
+
     def after_validate(self) -> None:
         print_results(self.model.results.get("val", []), "validate")
+        self._show_run()
 
     def after_test(self) -> None:
         print_results(self.model.results.get("test", []), "test")
+        self._show_run()
+
+    def _show_run(self) -> None:
+        """Put the run's scores into the experiment's runs view and say where to see it."""
+        from cgc_lightning.runs_view import runs_url, ui_command, update_runs_view
+        from cgc_lightning.tracking import mlflow_logger
+
+        logger = mlflow_logger(self.trainer)
+        if logger is None or not self.trainer.is_global_zero or logger._run_id is None:
+            return
+        client, exp = logger.experiment, logger.experiment_id
+        update_runs_view(client, exp, client.get_run(logger.run_id).data.metrics)
+        print(f"MLflow run {logger.run_id}: `{ui_command(logger._tracking_uri)}`, then {runs_url(exp)}", flush=True)
 
     def before_instantiate_classes(self) -> None:
         # `test`/`validate` of a checkpoint written by `fit` logs into that fit's MLflow run

@@ -434,6 +434,12 @@ def log_report(client, run_id: str, report: Report, stage: str, out_dir: Path | 
         metrics.append(Metric(f"negative_transfer/{m}", float(report.negative_transfer[m]), now, 0))
         metrics += [Metric(f"rel/{m}/{t}", 100 * report.relative[m][t], now, 0) for t in report.tasks]
     client.log_batch(run_id, metrics=metrics)
+    from cgc_lightning.runs_view import update_runs_view
+
+    run = client.get_run(run_id)
+    children = [client.get_run(r) for r in report.run_ids.values()]
+    shown = {k for c in children for k in c.data.metrics}
+    update_runs_view(client, run.info.experiment_id, shown)
 
 
 def run_logged(command: list[str], log: Path) -> int:

@@ -960,10 +960,16 @@ def report(cfg: GridConfig, points: list[Point], store: Store, parent_id: str, o
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(text)
     log_summary_metrics(store.client, parent_id, s)
+    from cgc_lightning.runs_view import runs_url, ui_command, update_runs_view
+
+    children = child_runs(store, parent_id).values()
+    metrics = {k for run in children for k in run.data.metrics} | {"grid/delta_m"}
+    update_runs_view(store.client, store.experiment_id, metrics)
     done = sum(r["status"] == "FINISHED" for r in s.points)
     print(
         f"\ngrid {cfg.name}: {done} of {len(points)} point(s) finished; parent run {parent_id} "
-        f"(experiment {store.experiment_name!r}, {store.tracking_uri})"
+        f"(experiment {store.experiment_name!r}, {store.tracking_uri})\n"
+        f"runs: `{ui_command(store.tracking_uri)}`, then {runs_url(store.experiment_id)}"
     )
     print(format_text(s))
     print(_notes(s, cfg))
