@@ -235,6 +235,10 @@ class Report:
     """``{method: Δm}`` as a fraction."""
     negative_transfer: dict[str, int]
     run_ids: dict[str, str] = field(default_factory=dict)
+    significance: dict = field(default_factory=dict)
+    """``{method: significance.MethodSignificance}``: Δm's interval and each task's verdict, from the runs'
+    per-example results (empty without them; ``significance_note`` says why)."""
+    significance_note: str | None = None
 
     @property
     def others(self) -> list[str]:
@@ -303,11 +307,23 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     rows.append(["Δm (mean Δ)", *blank, *[f"{100 * report.delta_m[m]:+.2f}%" for m in report.others]])
     n = len(report.tasks)
     rows.append(["negative transfer", *blank, *[f"{report.negative_transfer[m]} of {n}" for m in report.others]])
+    sig = report.significance
+    if sig and all(m in sig for m in report.others):
+        ci = lambda d: f"[{d.ci_low:+.2f}, {d.ci_high:+.2f}]%"  # noqa: E731
+        rows.append(["Δm 95% CI", *blank, *[ci(sig[m].delta_m) for m in report.others]])
+        rows.append(["significant losses", *blank, *[f"{sig[m].significant_losses} of {n}" for m in report.others]])
     return header, rows
 
 
 def _notes(report: Report, stage: str) -> list[str]:
     notes = [f"{stage} metrics; Δ: change relative to {report.reference} (sign-corrected: + is better)"]
+    if report.significance:
+        notes.append(
+            "CI: paired bootstrap over the test examples (transfer.csv has each task's interval); a significant "
+            "loss is a task whose whole interval is below the reference"
+        )
+    elif report.significance_note:
+        notes.append(f"no confidence intervals: {report.significance_note}")
     if report.reference_zero:
         notes.append(
             f"† {report.reference} scored 0 on {', '.join(report.reference_zero)}: Δ there is the absolute "
@@ -429,11 +445,28 @@ def log_report(client, run_id: str, report: Report, stage: str, out_dir: Path | 
     metrics = []
     for m in report.methods:
         metrics += [Metric(f"value/{m}/{t}", report.values[m][t], now, 0) for t in report.tasks]
+    for m in report.methods:
+        metrics.append(Metric(f"avg/{m}", sum(report.values[m].values()) / len(report.tasks), now, 0))
     for m in report.others:
         metrics.append(Metric(f"delta_m/{m}", 100 * report.delta_m[m], now, 0))
         metrics.append(Metric(f"negative_transfer/{m}", float(report.negative_transfer[m]), now, 0))
         metrics += [Metric(f"rel/{m}/{t}", 100 * report.relative[m][t], now, 0) for t in report.tasks]
+        if m in report.significance:
+            d = report.significance[m].delta_m
+            metrics += [
+                Metric(f"delta_m_ci_low/{m}", d.ci_low, now, 0),
+                Metric(f"delta_m_ci_high/{m}", d.ci_high, now, 0),
+            ]
+            losses = float(report.significance[m].significant_losses)
+            metrics.append(Metric(f"negative_transfer_significant/{m}", losses, now, 0))
     client.log_batch(run_id, metrics=metrics)
+    if report.significance:
+        from cgc_lightning.significance import transfer_csv
+
+        client.log_text(run_id, transfer_csv(report.significance, report.reference), "transfer.csv")
+    for m, child in report.run_ids.items():  # each method's run: its Δm against the reference, beside its scores
+        if child != run_id and stage == "test":
+            client.log_metric(child, "test/delta_m", 100 * report.delta_m[m], timestamp=now)
     from cgc_lightning.runs_view import update_runs_view
 
     run = client.get_run(run_id)
@@ -518,12 +551,29 @@ def train(
             [client.get_experiment_by_name(experiment).experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
         )
         report = report_from_runs(runs, cfg.reference, "test", cfg.metric, order=list(adapters))
+        add_significance(client, report, "test", cfg.metric)
         log_report(client, parent_id, report, "test", out_dir)
         print(format_table(report, "test"))
         status = "FINISHED"
         return report
     finally:
         client.set_terminated(parent_id, status)
+
+
+def add_significance(client, report: Report, stage: str, metric: str) -> None:
+    """Give ``report`` Δm's interval and each task's verdict from its runs' per-example results, or a note why not."""
+    from cgc_lightning.significance import method_significance
+
+    if metric == "loss":
+        report.significance_note = "the report is on the loss, the per-example results are scores"
+        return
+    runs = {m: [report.run_ids[m]] for m in report.methods if m in report.run_ids}
+    if len(runs) < len(report.methods):
+        report.significance_note = "not every method's run is known"
+        return
+    report.significance, report.significance_note = method_significance(
+        client, runs, report.reference, report.metric_names, set(LOWER_IS_BETTER), stage
+    )
 
 
 def report_from_runs(runs, reference: str, stage: str, metric: str, order: list[str] | None = None) -> Report:
@@ -559,6 +609,7 @@ def from_runs(args, cfg: CompareConfig | None) -> Report:
         raise ValueError(f"compare --from-runs: no run in {name!r} matches {' and '.join(filters)!r}")
     order = [m if isinstance(m, str) else m.get("name", m.get("method")) for m in cfg.methods] if cfg else None
     report = report_from_runs(runs, reference, args.stage, metric, order)
+    add_significance(client, report, args.stage, metric)
     out = Path(args.out) if args.out else None
     print(format_table(report, args.stage))
     if args.no_log:

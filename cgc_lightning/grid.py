@@ -815,7 +815,10 @@ class Summary:
     points: list[dict]
     """One row per point: ``axis values, seed, run_id, status, <task>, avg, delta_m, reference``."""
     groups: list[dict]
-    """One row per combination of non-seed axes: ``axis values, n, <task>/avg/delta_m: [values over seeds]``."""
+    """One row per combination of non-seed axes: ``axis values, n, <task>/avg/delta_m: [values over seeds]``,
+    ``pairs`` (the (point run, reference run) of each seed) and, once :func:`add_intervals` ran, ``significance``."""
+    interval_note: str | None = None
+    """Why the groups have no Δm interval, when they have none."""
 
 
 def summarise(cfg: GridConfig, points: list[Point], runs: dict[str, Any]) -> Summary:
@@ -869,6 +872,8 @@ def summarise(cfg: GridConfig, points: list[Point], runs: dict[str, Any]) -> Sum
             for col in [*tasks, "avg", "delta_m"]:
                 if row[col] is not None:
                     group["values"].setdefault(col, []).append(row[col])
+            if delta is not None and ref is not p:  # the paired runs behind Δm's interval, seed by seed
+                group.setdefault("pairs", []).append((row["run_id"], runs[ref.id].info.run_id))
     return Summary(tasks, [short[k] for k in axes], rows, list(groups.values()))
 
 
@@ -890,17 +895,44 @@ def _cell(values: list[float], pct: bool = False) -> str:
 
 def summary_table(s: Summary) -> tuple[list[str], list[list[str]]]:
     header = [*s.axes, "n", *[f"{t} ({m})" for t, m in s.tasks.items()], "avg", "Δm %"]
-    rows = [
-        [
+    with_ci = any("significance" in g for g in s.groups)
+    if with_ci:
+        header += ["Δm 95% CI", "sig. losses"]
+    rows = []
+    for g in s.groups:
+        row = [
             *[str(g[a]) for a in s.axes],
             str(g["n"]),
             *[_cell(g["values"].get(t, [])) for t in s.tasks],
             _cell(g["values"].get("avg", [])),
             _cell(g["values"].get("delta_m", []), pct=True),
         ]
-        for g in s.groups
-    ]
+        if with_ci:
+            sig = g.get("significance")
+            d = sig.delta_m if sig else None
+            row += [f"[{d.ci_low:+.2f}, {d.ci_high:+.2f}]" if d else "-", str(sig.significant_losses) if sig else "-"]
+        rows.append(row)
     return header, rows
+
+
+def add_intervals(s: Summary, client, n_resamples: int | None = None) -> None:
+    """Δm's bootstrap interval for each group with a reference, over its seeds and the test examples (paired with
+    the reference point of each seed), from the runs' per-example results; ``s.interval_note`` says why not."""
+    from cgc_lightning.compare import LOWER_IS_BETTER
+    from cgc_lightning.significance import N_RESAMPLES, method_significance
+
+    for g in s.groups:
+        pairs = g.get("pairs") or []
+        if not pairs or len(pairs) != g["n"]:  # a seed without its reference: the interval would mix seeds
+            continue
+        runs = {"point": [p for p, _ in pairs], "reference": [r for _, r in pairs]}
+        found, why = method_significance(
+            client, runs, "reference", s.tasks, set(LOWER_IS_BETTER), n_resamples=n_resamples or N_RESAMPLES
+        )
+        if why:
+            s.interval_note = why
+            continue
+        g["significance"] = found["point"]
 
 
 def format_text(s: Summary) -> str:
@@ -912,10 +944,18 @@ def format_text(s: Summary) -> str:
 
 def _notes(s: Summary, cfg: GridConfig) -> str:
     ref = ", ".join(f"{k}={v}" for k, v in (cfg.reference or {}).items()) or "none"
-    return (
+    text = (
         f"test metrics, mean ± sample std over {cfg.seed_key}; Δm: mean relative change per task against the "
         f"point with {ref} and the same seed, in percent (+ is better)"
     )
+    if any("significance" in g for g in s.groups):
+        text += (
+            "; CI: paired bootstrap over seeds and test examples; sig. losses: tasks whose whole interval is below "
+            "the reference"
+        )
+    elif s.interval_note:
+        text += f"; no Δm intervals: {s.interval_note}"
+    return text
 
 
 def format_markdown(s: Summary, cfg: GridConfig) -> str:
@@ -939,21 +979,31 @@ def format_csv(s: Summary, per_point: bool) -> str:
         w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in s.points])
     else:
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow([*s.axes, "n", *[f"{c}_{stat}" for c in cols for stat in ("mean", "std")]])
+        ci = ["delta_m_ci_low", "delta_m_ci_high", "significant_losses"]
+        w.writerow([*s.axes, "n", *[f"{c}_{stat}" for c in cols for stat in ("mean", "std")], *ci])
         for g in s.groups:
             stats = [_mean_std(g["values"].get(c, [])) for c in cols]
-            w.writerow([*[g[a] for a in s.axes], g["n"], *["" if x is None else x for st in stats for x in st]])
+            sig = g.get("significance")
+            extra = [sig.delta_m.ci_low, sig.delta_m.ci_high, sig.significant_losses] if sig else ["", "", ""]
+            w.writerow([*[g[a] for a in s.axes], g["n"], *["" if x is None else x for st in stats for x in st], *extra])
     return buf.getvalue()
 
 
 def report(cfg: GridConfig, points: list[Point], store: Store, parent_id: str, out: Path | None = None) -> Summary:
     """Summarise the grid from MLflow, log the tables on the parent run (and into ``out``), print the table."""
     s = summarise(cfg, points, child_runs(store, parent_id))
+    add_intervals(s, store.client)
     files = {
         "grid_summary.md": format_markdown(s, cfg),
         "grid_summary.csv": format_csv(s, per_point=False),
         "grid_points.csv": format_csv(s, per_point=True),
     }
+    significance = {" ".join(f"{a}={g[a]}" for a in s.axes): g["significance"] for g in s.groups if "significance" in g}
+    if significance:
+        from cgc_lightning.significance import transfer_csv
+
+        ref = " ".join(f"{k}={v}" for k, v in (cfg.reference or {}).items())
+        files["grid_transfer.csv"] = transfer_csv(significance, ref)
     for name, text in files.items():
         store.client.log_text(parent_id, text, name)
         if out is not None:
@@ -995,6 +1045,10 @@ def log_summary_metrics(client, parent_id: str, s: Summary) -> None:
             if values:
                 metrics.append(Metric(_metric_name("grid", label, col), statistics.fmean(values), now, 0))
         metrics.append(Metric(_metric_name("grid", label, "n"), float(group["n"]), now, 0))
+        if "significance" in group:
+            d = group["significance"].delta_m
+            metrics.append(Metric(_metric_name("grid", label, "delta_m_ci_low"), d.ci_low, now, 0))
+            metrics.append(Metric(_metric_name("grid", label, "delta_m_ci_high"), d.ci_high, now, 0))
     try:
         for i in range(0, len(metrics), 500):
             client.log_batch(parent_id, metrics=metrics[i : i + 500])

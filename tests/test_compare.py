@@ -193,6 +193,17 @@ def test_compare_end_to_end_on_the_tiny_config(tmp_path):
         assert float(rows["delta_m"][f"rel_pct_{m}"]) == pytest.approx(100 * rel_sum[m] / 3)
         assert logged[f"delta_m/{m}"] == pytest.approx(100 * rel_sum[m] / 3)
         assert logged[f"negative_transfer/{m}"] == float(rows["negative_transfer"][f"rel_pct_{m}"])
+        # Δm's interval from the per-example results: it holds the point estimate; the child carries its Δm
+        assert logged[f"delta_m_ci_low/{m}"] <= logged[f"delta_m/{m}"] <= logged[f"delta_m_ci_high/{m}"]
+        assert children[m].data.metrics["test/delta_m"] == pytest.approx(logged[f"delta_m/{m}"])
+        assert 0 <= logged[f"negative_transfer_significant/{m}"] <= logged[f"negative_transfer/{m}"]
+    for m, child in children.items():
+        assert logged[f"avg/{m}"] == pytest.approx(child.data.metrics["test/avg/score"])
+    transfer = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(pid, "transfer.csv")).read_text())))
+    assert {(r["method"], r["task"]) for r in transfer} == {(m, t) for m in others for t in [*metric, "delta_m_pct"]}
+    for r in transfer:
+        assert r["reference"] == "independent_lora" and float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"])
+    assert "Δm 95% CI" in out and "significant losses" in out
 
     # the same report from the runs, without training (the config's latest comparison)
     config = str(ROOT / "experiments/compare/tiny.yaml")
