@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-gpu lint experiment clean
+.PHONY: setup test test-all test-gpu lint experiment clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# the fast tier (unit and small end-to-end tests, about 5 minutes on 2 cores); test-all adds the slow tier
+# (every command end to end, kill/resume, the bad-input suite, the browser check of the MLflow UI)
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 # the GPU tier (tests/test_gpu.py): every command on a CUDA GPU with the real SmolLM2 on BIG-bench; needs a CUDA

@@ -338,8 +338,9 @@ def format_table(report: Report, stage: str = "test") -> str:
     line = lambda r: "  ".join(
         c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
     )
-    out = [line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows[:-2]]]
-    out += ["  ".join("-" * w for w in widths), *[line(r) for r in rows[-2:]]]
+    summary = len(rows) - len(report.tasks)  # Δm, negative transfer (and the interval rows)
+    out = [line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows[:-summary]]]
+    out += ["  ".join("-" * w for w in widths), *[line(r) for r in rows[-summary:]]]
     return "\n".join([*out, *_notes(report, stage)])
 
 
