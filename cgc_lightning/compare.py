@@ -378,12 +378,21 @@ def delta_m_figure(report: Report):
 
     groups = [*report.tasks, "Δm"]
     series = {m: [100 * report.relative[m][t] for t in report.tasks] + [100 * report.delta_m[m]] for m in report.others}
+    sig = report.significance
+    intervals = {
+        m: [None] * len(report.tasks) + [(sig[m].delta_m.ci_low, sig[m].delta_m.ci_high)]
+        for m in report.others
+        if m in sig
+    }
     return grouped_bars(
         groups,
         series,
-        f"change against {report.reference} per task, and Δm\n(hatched: the reference scored 0; absolute x 100)",
+        f"change against {report.reference} per task, and Δm"
+        + (" with its 95% interval" if intervals else "")
+        + "\n(hatched: the reference scored 0; absolute x 100)",
         "Δ (%)",
         hatched=report.reference_zero,
+        intervals=intervals,
     )
 
 

@@ -915,6 +915,24 @@ def summary_table(s: Summary) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def delta_m_figure(s: Summary, cfg: GridConfig):
+    """Each group's mean Δm over its seeds, with the 95% interval where there is one; None without any Δm."""
+    from cgc_lightning.callbacks.plots import grouped_bars
+
+    groups = [g for g in s.groups if g["values"].get("delta_m")]
+    if not groups:
+        return None
+    labels = [" ".join(str(g[a]) for a in s.axes) or "all" for g in groups]
+    means = [statistics.fmean(g["values"]["delta_m"]) for g in groups]
+    cis = [
+        (g["significance"].delta_m.ci_low, g["significance"].delta_m.ci_high) if "significance" in g else None
+        for g in groups
+    ]
+    ref = ", ".join(f"{k}={v}" for k, v in (cfg.reference or {}).items())
+    title = f"grid {cfg.name}: Δm against {ref}, mean over seeds" + (" with 95% intervals" if any(cis) else "")
+    return grouped_bars(labels, {"Δm": means}, title, "Δm (%)", intervals={"Δm": cis})
+
+
 def add_intervals(s: Summary, client, n_resamples: int | None = None) -> None:
     """Δm's bootstrap interval for each group with a reference, over its seeds and the test examples (paired with
     the reference point of each seed), from the runs' per-example results; ``s.interval_note`` says why not."""
@@ -1009,6 +1027,11 @@ def report(cfg: GridConfig, points: list[Point], store: Store, parent_id: str, o
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(text)
+    figure = delta_m_figure(s, cfg)
+    if figure is not None:
+        store.client.log_figure(parent_id, figure, "grid_delta_m.png")
+        if out is not None:
+            figure.savefig(out / "grid_delta_m.png")
     log_summary_metrics(store.client, parent_id, s)
     from cgc_lightning.runs_view import runs_url, ui_command, update_runs_view
 

@@ -89,3 +89,24 @@ def test_paired_scores_pair_seed_by_seed_and_example_by_id():
     m, r = paired_scores(method, reference, ["a"])
     np.testing.assert_array_equal(m["a"], [[0.0, 1.0], [1.0, 1.0]])  # ids sorted: "1", "2"
     np.testing.assert_array_equal(r["a"], [[0.5, 0.25], [0.75, 0.0]])
+
+
+def test_delta_m_figure_draws_the_interval_of_each_methods_delta_m(store):
+    from matplotlib.container import ErrorbarContainer
+
+    from cgc_lightning.compare import build_report, delta_m_figure
+
+    client, exp = store
+    rng = np.random.default_rng(2)
+    ref, other = _scores(rng), _scores(rng, 0.3)
+    runs = {"ref": [_run(client, exp, ref)], "m": [_run(client, exp, other)]}
+    report = build_report(
+        {k: {t: float(v[t].mean()) for t in TASKS} for k, v in [("ref", ref), ("m", other)]}, TASKS, "ref"
+    )
+    report.significance, _ = method_significance(client, runs, "ref", TASKS, n_resamples=200)
+    (ax,) = delta_m_figure(report).axes
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # one interval: m's Δm
+    d = report.significance["m"].delta_m
+    (segment,) = bars.lines[2][0].get_segments()
+    assert segment[:, 1].tolist() == pytest.approx([d.ci_low, d.ci_high])
+    assert "95% interval" in ax.get_title()

@@ -94,9 +94,15 @@ def heatmap(
 
 
 def grouped_bars(
-    groups: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str, hatched: Sequence[str] = ()
+    groups: Sequence[str],
+    series: dict[str, Sequence[float]],
+    title: str,
+    ylabel: str,
+    hatched: Sequence[str] = (),
+    intervals: dict[str, Sequence[tuple[float, float] | None]] | None = None,
 ) -> Figure:
-    """Bars of each series (a method) side by side for each group (a task); groups in ``hatched`` are hatched."""
+    """Bars of each series (a method) side by side for each group (a task); groups in ``hatched`` are hatched;
+    ``intervals`` (``{series: [(low, high) or None per group]}``) draws those as error bars."""
     bottom = 0.3 + 0.4 * _label_inches(groups)  # labels at 20 degrees
     fig = _figure(
         max(5.0, 1.5 + 0.45 * len(groups) * max(len(series), 1)),
@@ -114,6 +120,9 @@ def grouped_bars(
         for bar, group in zip(bars, groups, strict=True):
             if group in hatched:
                 bar.set_hatch("//")
+        for x, value, ci in zip(xs, values, (intervals or {}).get(name) or [None] * len(xs), strict=True):
+            if ci is not None:
+                ax.errorbar(x, value, yerr=[[value - ci[0]], [ci[1] - value]], color="black", capsize=3, linewidth=1)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), labels=groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
