@@ -53,10 +53,10 @@ def active_rank(cfg: AdapterConfig) -> int:
 
 
 class StepTimer(Callback):
-    """Wall time of each training step (synchronised) and its non-pad tokens."""
+    """Wall time of each training step (synchronised), its non-pad tokens and its examples."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.times, self.tokens = cuda, [], []
+        self.cuda, self.times, self.tokens, self.examples = cuda, [], [], []
 
     def _sync(self):
         if self.cuda:
@@ -69,17 +69,22 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync()
         self.times.append(time.perf_counter() - self._t)
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        packed = batch.get("attention_mask") is None  # data.packing: the batch counts its own tokens
+        self.tokens.append(int(batch["n_tokens"]) if packed else int(batch["attention_mask"].sum()))
+        self.examples.append(int(batch["n_examples"]) if packed else int(batch["input_ids"].shape[0]))
 
 
-def summarise(times: list[float], tokens: list[int], warmup: int, peak: int | None) -> dict:
+def summarise(times: list[float], tokens: list[int], warmup: int, peak: int | None, examples=None) -> dict:
     t, n = times[warmup:], tokens[warmup:]
     ms = statistics.median(t) * 1e3
-    return {
+    out = {
         "ms": ms,
         "tokens_per_s": statistics.mean(n) / (ms / 1e3),
         "peak_gib": None if peak is None else peak / 2**30,
     }
+    if examples:
+        out["examples_per_step"] = statistics.mean(examples[warmup:])
+    return out
 
 
 def host_time(profiler, steps: int, step_ms: float) -> dict[str, float]:
@@ -151,7 +156,7 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool):
         torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(cli.model, cli.datamodule)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    fit = summarise(timer.times, timer.tokens, args.warmup, peak)
+    fit = summarise(timer.times, timer.tokens, args.warmup, peak, timer.examples)
     return cli, fit, host_time(cli.trainer.profiler, args.steps, fit["ms"])
 
 

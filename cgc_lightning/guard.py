@@ -95,7 +95,7 @@ class RunGuard(Callback):
     @staticmethod
     def _message(trainer: Trainer, pl_module: LightningModule, nonfinite: dict) -> str:
         names = pl_module.layout.tasks
-        in_batch = [names[t] for t in sorted(set(nonfinite["task_ids"].tolist()))]
+        in_batch = [names[t] for t in sorted(set(nonfinite["task_ids"].flatten().tolist()))]
         sums = nonfinite["task_sum"]
         bad = [names[t] for t in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
         ckpt = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "") or "none yet"

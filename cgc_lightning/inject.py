@@ -86,6 +86,13 @@ class AdaptedLayer(nn.Module):
         dtype = self.adapter.dtype
         flat = x.dim() != 3  # reshape only when needed: each view is one more node for autograd to walk
         x3 = (x.reshape(x.shape[0], -1, x.shape[-1]) if flat else x).to(dtype)  # (B, T, d_in)
+        if task_ids is not None and task_ids.dim() == 2:  # packed rows: a task per token, each token a sample
+            if task_ids.shape != x3.shape[:2]:
+                raise RuntimeError(
+                    f"per-token task ids of shape {tuple(task_ids.shape)} for an input of {tuple(x3.shape[:2])} tokens"
+                )
+            x3, flat = x3.reshape(-1, 1, x3.shape[-1]), True  # (B*T, 1, d_in)
+            task_ids, cluster_ids = self.routing.flat_ids
         if out.dtype != dtype:
             delta = self.adapter(x3, task_ids, cluster_ids)  # (B, T, d_out)
             return out + delta.reshape(out.shape).to(out.dtype)

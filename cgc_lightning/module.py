@@ -24,7 +24,7 @@ from cgc_lightning.examples import gather as gather_examples
 from cgc_lightning.export import init_from_adapter
 from cgc_lightning.hf import ModelSpec, load_model, load_tokenizer
 from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adapters, is_adapter_param, param_report
-from cgc_lightning.loss import lean_loss_unsupported, target_token_losses
+from cgc_lightning.loss import lean_loss_unsupported, loss_positions, target_token_losses
 from cgc_lightning.metrics import TaskMetric
 from cgc_lightning.routing import route
 from cgc_lightning.strategies import NAME as _DDP_STATIC  # noqa: F401  (registers trainer.strategy: ddp_static)
@@ -319,40 +319,60 @@ class MultiTaskLoRAModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- forward
 
-    def forward(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
-        """Logits ``(B, L, V)``; each sample goes through its own task's (and cluster's) adapters."""
+    def forward(self, input_ids, attention_mask, task_ids, position_ids=None) -> torch.Tensor:
+        """Logits ``(B, L, V)``; each sample goes through its own task's (and cluster's) adapters.
+
+        Packed rows (``data.packing``) come with ``attention_mask=None``, ``position_ids`` that restart with each
+        example (the model then attends within each example) and ``(B, L)`` task ids, one per token."""
         # the compiled model only where it was compiled for: training steps (eval shapes vary, no graph)
         model = self._compiled[0] if self._compiled and self.training and torch.is_grad_enabled() else self.model
         with route(self.model, task_ids, validate=False):
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
 
-    def hidden_states(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, task_ids, position_ids=None) -> torch.Tensor:
         """The final hidden states ``(B, L, d)`` that the LM head reads, each sample through its own adapters."""
         compiled = self._compiled and self.training and torch.is_grad_enabled()
         decoder = self._compiled[0] if compiled else self.model.get_decoder()
         with route(self.model, task_ids, validate=False):
-            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
 
     def _per_task_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean target-token loss of the batch, and per-task sums of token losses and token counts."""
-        labels = batch["labels"]
+        labels, task_ids = batch["labels"], batch["task_ids"]
+        inputs = (batch["input_ids"], batch["attention_mask"], task_ids, batch.get("position_ids"))
+        packed = task_ids.dim() == 2  # packed rows: each token's loss belongs to its own example's task
         if self.loss_chunk_size:
+            positions = batch.get("loss_positions")
+            if positions is None:
+                positions = loss_positions(labels)
             losses, rows = target_token_losses(
-                self.hidden_states(batch["input_ids"], batch["attention_mask"], batch["task_ids"]),
+                self.hidden_states(*inputs),
                 self.model.get_output_embeddings(),
                 labels,
-                batch.get("loss_positions"),
+                positions,
                 chunk_size=self.loss_chunk_size,
                 softcap=self._softcap,
             )  # (N,) over the batch's target tokens
-            per_sample = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)  # (B,)
-            tokens = (labels[:, 1:] != IGNORE).sum(1).to(losses.dtype)  # (B,)
+            if packed:  # the task of the token each loss predicts
+                per_token, owner = losses, task_ids.reshape(-1).index_select(0, positions + 1)
+                tokens = losses.new_ones(losses.shape)
+            else:
+                per_token = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)  # (B,)
+                tokens, owner = (labels[:, 1:] != IGNORE).sum(1).to(losses.dtype), task_ids  # (B,)
         else:
-            losses, mask = token_losses(self(batch["input_ids"], batch["attention_mask"], batch["task_ids"]), labels)
-            per_sample, tokens = losses.sum(1), mask.sum(1).to(losses.dtype)  # (B,)
+            losses, mask = token_losses(self(*inputs), labels)
+            if packed:
+                per_token, tokens, owner = losses.reshape(-1), mask.reshape(-1).to(losses.dtype), task_ids[:, 1:]
+                owner = owner.reshape(-1)
+            else:
+                per_token, tokens, owner = losses.sum(1), mask.sum(1).to(losses.dtype), task_ids  # (B,)
         n = len(self.layout.tasks)
-        task_sum = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, batch["task_ids"], per_sample)
-        task_tokens = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, batch["task_ids"], tokens)
+        task_sum = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, owner, per_token)
+        task_tokens = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, owner, tokens)
         return losses.sum() / tokens.sum().clamp_min(1), task_sum, task_tokens
 
     # --------------------------------------------------------------------------------------- training

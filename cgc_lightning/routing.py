@@ -44,17 +44,19 @@ class RoutingState:
         self.task_names = tuple(task_names)
         self.task_cluster = torch.tensor(list(task_clusters), dtype=torch.long)  # (n_tasks,)
         self._task_cluster_on: dict[torch.device, torch.Tensor] = {}
-        self.task_ids: torch.Tensor | None = None  # (B,)
-        self.cluster_ids: torch.Tensor | None = None  # (B,)
+        self.task_ids: torch.Tensor | None = None  # (B,), or (B, T) for packed rows (a task per token)
+        self.cluster_ids: torch.Tensor | None = None  # the same shape
+        # packed rows: the (B*T,) views every layer reads, one tensor object per batch so per-batch tables are shared
+        self.flat_ids: tuple[torch.Tensor, torch.Tensor] | None = None
         self.disabled = False
         self.merged_task: int | None = None  # set by inject.merge_task: the weights then serve that task only
         self.checkpointed_modules: list[nn.Module] = []
 
     def snapshot(self) -> tuple:
-        return self.task_ids, self.cluster_ids, self.disabled
+        return self.task_ids, self.cluster_ids, self.disabled, self.flat_ids
 
     def restore(self, snap: tuple) -> None:
-        self.task_ids, self.cluster_ids, self.disabled = snap
+        self.task_ids, self.cluster_ids, self.disabled, self.flat_ids = snap
 
     def clusters_of(self, tasks: torch.Tensor) -> torch.Tensor:
         """``(B,)`` cluster of each task id, on the ids' device.
@@ -68,12 +70,18 @@ class RoutingState:
         return table[tasks]
 
     def ids_for(self, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Task and cluster ids for a layer input with ``rows`` samples on its batch axis."""
+        """Task and cluster ids for a layer input with ``rows`` samples on its batch axis (``(B, T)`` ids for packed
+        rows, where every token has its own)."""
         if self.task_ids is None:
             return None, None
         n = self.task_ids.shape[0]
         if rows == n:
             return self.task_ids, self.cluster_ids
+        if self.task_ids.dim() == 2:
+            raise RuntimeError(
+                f"an adapter layer got an input with {rows} rows for {n} packed rows of per-token task ids; "
+                "packed rows are for training and scoring, not generate()"
+            )
         if rows % n:
             raise RuntimeError(
                 f"an adapter layer got an input with {rows} rows, but route() was given {n} task ids; "
@@ -149,8 +157,9 @@ def route(
 
     Args:
         model: a model returned by :func:`cgc_lightning.inject.inject_adapters`.
-        task_ids: ``(B,)`` task id of each sample.
-        cluster_ids: ``(B,)`` cluster id of each sample; derived from the task layout when omitted,
+        task_ids: ``(B,)`` task id of each sample, or ``(B, T)`` one per token, for rows that pack examples
+            of several tasks (``data.packing``): each token then goes through its own task's experts.
+        cluster_ids: cluster ids of the same shape; derived from the task layout when omitted,
             checked against it when given.
         validate: check ids against the layout (one host sync); the training loop turns it off
             because its data module has checked them already.
@@ -158,8 +167,11 @@ def route(
     state = routing_state(model)
     device = _device_of(model)
     tasks = torch.as_tensor(task_ids, dtype=torch.long)
-    if tasks.dim() != 1:
-        raise ValueError(f"task_ids must be a 1-D tensor with one id per sample, got shape {tuple(tasks.shape)}")
+    if tasks.dim() not in (1, 2):
+        raise ValueError(
+            f"task_ids must be (B,), one id per sample, or (B, T), one per token of packed rows; "
+            f"got shape {tuple(tasks.shape)}"
+        )
     n_tasks = len(state.task_names)
     if validate:
         bad = tasks[(tasks < 0) | (tasks >= n_tasks)]
@@ -178,7 +190,8 @@ def route(
     if cluster_ids is not None:
         clusters = torch.as_tensor(cluster_ids, dtype=torch.long, device=tasks.device)
         if validate and not torch.equal(clusters, derived):
-            i = int((clusters != derived).nonzero()[0])
+            i = tuple(int(j) for j in (clusters != derived).nonzero()[0])
+            i = i[0] if len(i) == 1 else i
             raise ValueError(
                 f"sample {i} has task {state.task_names[int(tasks[i])]!r}, which is in cluster {int(derived[i])}, "
                 f"but cluster_ids says {int(clusters[i])}"
@@ -187,6 +200,7 @@ def route(
     saved = state.snapshot()
     state.task_ids = tasks.to(device, non_blocking=True)
     state.cluster_ids = derived.to(device, non_blocking=True)
+    state.flat_ids = (state.task_ids.reshape(-1), state.cluster_ids.reshape(-1)) if tasks.dim() == 2 else None
     try:
         yield
     finally:

@@ -12,10 +12,8 @@ they were recorded) get no interval; the reason is returned instead.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from cgc_lightning import stats
 from cgc_lightning.examples import load_examples
+from cgc_lightning.tracking import quiet_downloads
 
 #: Bootstrap resamples for the reports (the intervals move by well under 0.1 point between draws at this count).
 N_RESAMPLES = 5000
@@ -45,26 +44,11 @@ class MethodSignificance:
 def run_example_scores(client, run_id: str, stage: str = "test") -> dict[str, dict[str, float]]:
     """``{task: {example id: score}}`` of a run's per-example results; {} when it logged none."""
     out: dict[str, dict[str, float]] = {}
-    with _quiet_downloads():
+    with quiet_downloads():
         rows = load_examples(client, run_id, stage)
     for row in rows:
         out.setdefault(row["task"], {})[str(row["example_id"])] = float(row["score"])
     return out
-
-
-@contextlib.contextmanager
-def _quiet_downloads():
-    """No MLflow download progress bar per run read (a report reads one file per run)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _id_order(example_id: str) -> tuple:

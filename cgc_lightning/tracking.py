@@ -13,6 +13,7 @@ Unless ``MLFLOW_TRACKING_URI`` or the config says otherwise, runs go to ``sqlite
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -57,6 +58,21 @@ def unique_run_name(*parts: object) -> str:
 def seed_text(seed: object) -> str:
     """``seed=<seed>`` for a run name; ``seed_everything: true`` draws the seed when ``fit`` starts."""
     return "seed=random" if seed is True else "seed=none" if seed is False else f"seed={seed}"
+
+
+@contextlib.contextmanager
+def quiet_downloads():
+    """No MLflow progress bar for the small artifact downloads inside (reports, appended tables)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 LOCKED_RETRIES = 8

@@ -114,3 +114,75 @@ class Collator:
             batch["choice_ids"] = _pad([c for _, _, c in pairs], self.pad_id)  # (N_pairs, C), right-padded
             batch["choice_ids_mask"] = _pad([[1] * len(c) for _, _, c in pairs], 0)
         return batch
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+
+def first_fit(lengths: list[int], rows: int, max_length: int) -> list[int] | None:
+    """The row of each item when ``lengths`` are placed in order, each into the first of ``rows`` rows of
+    ``max_length`` tokens with room for it; ``None`` when one does not fit anywhere."""
+    free, place = [max_length] * rows, []
+    for n in lengths:
+        row = next((k for k, f in enumerate(free) if f >= n), None)
+        if row is None:
+            return None
+        free[row] -= n
+        place.append(row)
+    return place
+
+
+class PackingCollator:
+    """Packs a batch's examples (of any tasks) into at most ``rows`` rows of ``max_length`` tokens.
+
+    The examples go into rows in order, each into the first row with room (:func:`first_fit`, as
+    :class:`~datamodules.sampling.PackedBatchSampler` chose them). Each row is its examples end to end,
+    padded at the end to the longest row. The batch carries, instead of an attention mask:
+
+    * ``position_ids (R, L)``, restarting at 0 with each example: Hugging Face models then attend within each
+      example only (a block-diagonal causal mask for eager and SDPA attention, varlen kernels for flash
+      attention), so an example sees exactly what it would see alone;
+    * ``task_ids`` and ``cluster_ids (R, L)``, one per token, which route each token to its own task's experts
+      and assign each token's loss to its task.
+
+    The first token of every example is a prompt token (the encoder keeps at least one), so no loss is taken
+    across an example boundary.
+    """
+
+    def __init__(self, pad_id: int, task_cluster: list[int], max_length: int, rows: int):
+        self.pad_id, self.max_length, self.rows = pad_id, max_length, rows
+        self.task_cluster = torch.tensor(task_cluster, dtype=torch.long)
+        self.unpacked = Collator(pad_id, task_cluster)  # one padded row per example (diagnostic probes)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        place = first_fit([len(e["input_ids"]) for e in examples], self.rows, self.max_length)
+        if place is None:
+            raise ValueError(f"{len(examples)} examples do not fit into {self.rows} rows of {self.max_length} tokens")
+        used = max(place) + 1
+        parts: list[dict[str, list[int]]] = [{"ids": [], "labels": [], "pos": [], "task": []} for _ in range(used)]
+        for e, row in zip(examples, place, strict=True):
+            n, p = len(e["input_ids"]), parts[row]
+            p["ids"] += e["input_ids"]
+            p["labels"] += e["labels"]
+            p["pos"] += list(range(n))
+            p["task"] += [e["task_id"]] * n
+        width = max(len(p["ids"]) for p in parts)
+        for p in parts:  # the tail: padding as one more segment (its own positions), no loss, the last task's experts
+            k = width - len(p["ids"])
+            p["ids"] += [self.pad_id] * k
+            p["labels"] += [IGNORE] * k
+            p["pos"] += list(range(k))
+            p["task"] += [p["task"][-1]] * k
+        task_ids = torch.tensor([p["task"] for p in parts], dtype=torch.long)  # (R, L)
+        batch = {
+            "input_ids": torch.tensor([p["ids"] for p in parts], dtype=torch.long),
+            "attention_mask": None,
+            "position_ids": torch.tensor([p["pos"] for p in parts], dtype=torch.long),
+            "labels": torch.tensor([p["labels"] for p in parts], dtype=torch.long),
+            "task_ids": task_ids,
+            "cluster_ids": self.task_cluster[task_ids],
+            "n_examples": len(examples),
+            "n_tokens": sum(len(e["input_ids"]) for e in examples),  # without the padding at the rows' ends
+        }
+        batch["loss_positions"] = loss_positions(batch["labels"])
+        return batch

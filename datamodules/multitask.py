@@ -16,9 +16,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 from cgc_lightning.cache import build_once
 from cgc_lightning.hf import ModelSpec, load_tokenizer
 from datamodules.bigbench import task_file
-from datamodules.collate import Collator, encode
+from datamodules.collate import Collator, PackingCollator, encode
 from datamodules.errors import DataError
-from datamodules.sampling import EvalShardSampler, MultiTaskSampler, task_probabilities
+from datamodules.sampling import EvalShardSampler, MultiTaskSampler, PackedBatchSampler, task_probabilities
 from datamodules.tasks import TaskSpec, check_file, is_local_file, load_task_rows
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         clusters: cluster names in cluster-id order; defaults to the order they first appear in ``tasks``.
             A listed cluster with no task, or a task whose cluster is not listed, is an error.
         tokenizer: the model whose tokenizer to use (linked from ``model.model`` by the CLI).
-        batch_size: training batch size.
+        batch_size: training batch size: examples per step, or with ``packing`` rows per step.
         eval_batch_size: validation/test batch size.
         max_length: longest tokenised example (prompt + target).
         sampling: ``proportional``, ``temperature`` or ``uniform``.
@@ -70,6 +70,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         bigbench_dir: a folder of ``<task>/task.json`` files; default: the installed package or a fetched copy.
         cache_dir: where tokenised data (and fetched BIG-bench files) are cached.
         num_workers: DataLoader workers.
+        packing: pack training examples of any tasks into ``batch_size`` rows of ``max_length`` tokens, as
+            many as fit (:class:`~datamodules.collate.PackingCollator`): no padding between examples, each
+            example attending only to itself and each token routed to its own task's experts. A step then
+            trains on more examples at about the cost of a padded batch of the same rows. One process only.
     """
 
     def __init__(
@@ -92,8 +96,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         bigbench_dir: str | None = None,
         cache_dir: str = ".cache/data",
         num_workers: int = 0,
+        packing: bool = False,
     ):
         super().__init__()
+        self.packing = packing
+        self._packed_sampler = None
         if not tasks:
             raise DataError("data.tasks is empty: list at least one task")
         self.tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
@@ -272,6 +279,20 @@ class MultiTaskDataModule(L.LightningDataModule):
         if 0 < self._resume_samples < sampler.total:  # a checkpoint at the end of an epoch resumes at the next one
             sampler.skip_next(self._resume_samples)
             self._resume_samples = 0
+        if self.packing:
+            if ranks > 1:
+                raise DataError(
+                    "data.packing runs in one process for now; train with trainer.devices: 1, or without packing"
+                )
+            data = ConcatDataset(train)
+            lengths = [len(r["input_ids"]) for rows in train for r in rows]
+            self._packed_sampler = PackedBatchSampler(sampler, lengths, self.batch_size, self.max_length)
+            collate = PackingCollator(
+                self.tokenizer.pad_token_id, self.task_cluster_ids, self.max_length, self.batch_size
+            )
+            return DataLoader(
+                data, batch_sampler=self._packed_sampler, collate_fn=collate, num_workers=self.num_workers
+            )
         return DataLoader(
             ConcatDataset(train),
             batch_size=self.batch_size,
@@ -288,12 +309,16 @@ class MultiTaskDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {
+        state = {
             "epoch": trainer.current_epoch,
             "batches_done": done,
             "batch_size": self.batch_size,
             "world_size": trainer.world_size,
         }
+        if self.packing:  # batches hold as many examples as fit: count the examples, not the batches
+            packed = self._packed_sampler.examples_done if self._packed_sampler is not None else []
+            state["examples_done"] = packed[done - 1] if 0 < done <= len(packed) else 0
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         trainer = getattr(self, "trainer", None)
@@ -314,8 +339,13 @@ class MultiTaskDataModule(L.LightningDataModule):
                     "(trainer.devices x trainer.num_nodes), or start a new run from the adapter "
                     "(model.adapter.init_adapter)"
                 )
+            if bool(state.get("examples_done") is not None) != self.packing:
+                raise DataError(
+                    f"the checkpoint was written with data.packing={not self.packing}; resuming with "
+                    f"packing={self.packing} would not continue the same sample order"
+                )
             # each of the ranks consumed batches_done batches of the one global order, interleaved
-            self._resume_samples = state["batches_done"] * self.batch_size * ranks
+            self._resume_samples = state.get("examples_done") or state["batches_done"] * self.batch_size * ranks
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         collate = Collator(self.tokenizer.pad_token_id, self.task_cluster_ids, eval_mode=True)

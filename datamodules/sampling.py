@@ -123,3 +123,42 @@ class EvalShardSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.size, self.num_replicas))
+
+
+class PackedBatchSampler:
+    """Batches of examples that fill ``rows`` rows of ``max_length`` tokens (``data.packing``).
+
+    Examples come in ``sampler``'s order; each goes into the first row with room (first fit), and the batch is
+    handed out when the next example fits in none of its rows, which then starts the next batch. A batch thus
+    holds as many examples as fit, whatever their tasks, and the order of examples is the sampler's: a run
+    resumed at a batch boundary (``examples_done``) packs the same batches as an uninterrupted one.
+
+    Args:
+        sampler: the example order (:class:`MultiTaskSampler`).
+        lengths: tokens of each example, by dataset index.
+        rows: rows per batch (``data.batch_size``).
+        max_length: tokens per row.
+    """
+
+    def __init__(self, sampler, lengths: list[int], rows: int, max_length: int):
+        self.sampler, self.lengths, self.rows, self.max_length = sampler, lengths, rows, max_length
+        self.examples_done: list[int] = []  # examples handed out up to and including each batch of this epoch
+
+    def __iter__(self):
+        self.examples_done = []
+        batch: list[int] = []
+        free = [self.max_length] * self.rows
+        total = 0
+        for i in self.sampler:
+            n = min(self.lengths[i], self.max_length)
+            row = next((k for k, f in enumerate(free) if f >= n), None)
+            if row is None:
+                total += len(batch)
+                self.examples_done.append(total)
+                yield batch
+                batch, free, row = [], [self.max_length] * self.rows, 0
+            free[row] -= n
+            batch.append(i)
+        if batch:
+            self.examples_done.append(total + len(batch))
+            yield batch

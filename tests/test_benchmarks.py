@@ -25,3 +25,13 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert "fit loop vs bare PEFT loop" in out and "forward + routing + per-task loss" in out
     assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
+
+
+def test_packing_benchmark_runs_fit_padded_and_packed(capsys):
+    from benchmarks import packing
+
+    result = packing.main(["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "tokens/s x padded" in out and set(result) == {"padded", "packed"}
+    # tiny.yaml: 4 rows of 64 tokens hold more of its short examples than a padded batch's 4
+    assert result["packed"]["examples_per_step"] > result["padded"]["examples_per_step"] == 4

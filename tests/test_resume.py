@@ -46,16 +46,20 @@ def fit(cwd: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, packing):
     from mlflow import MlflowClient
 
     (tmp_path / "tests").symlink_to(ROOT / "tests")
     (tmp_path / "experiments").symlink_to(ROOT / "experiments")
-    whole = fit(tmp_path, "whole")
+    # packed batches hold as many examples as fit: the checkpoint counts examples, and resuming packs the same rows
+    data = ["--data.packing=true", "--data.batch_size=2", "--data.max_length=64"] if packing else []
+    whole = fit(tmp_path, "whole", *data)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = fit(tmp_path, "crash", "--trainer.callbacks+=tests.crash.SigkillAt", "--trainer.callbacks.step=10")
+    crash = ["--trainer.callbacks+=tests.crash.SigkillAt", "--trainer.callbacks.step=10"]
+    killed = fit(tmp_path, "crash", *data, *crash)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = fit(tmp_path, "crash", "--ckpt_path=last")
+    resumed = fit(tmp_path, "crash", *data, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from lightning.pytorch import Trainer
 
-from cgc_lightning.tracking import mlflow_logger
+from cgc_lightning.tracking import mlflow_logger, quiet_downloads
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
@@ -61,7 +61,10 @@ def log_rows(trainer: Trainer, rows: list[dict], path: str) -> None:
     if logger is None or not trainer.is_global_zero or not rows:
         return
     try:
-        logger.experiment.log_table(logger.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=path)
+        with quiet_downloads():  # log_table downloads the table to append to it
+            logger.experiment.log_table(
+                logger.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=path
+            )
     except Exception as e:
         warnings.warn(f"could not log {path} to MLflow: {e}", stacklevel=2)
 

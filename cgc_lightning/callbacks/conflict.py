@@ -219,11 +219,17 @@ def fixed_probes(loader, num_tasks: int, per_task: int) -> list[dict | None]:
                 rows[t].append(row)
             if all(len(r) >= per_task for r in rows):
                 break
-    return [loader.collate_fn(r) if r else None for r in rows]
+    collate = getattr(loader.collate_fn, "unpacked", loader.collate_fn)  # packed training: probes one per row
+    return [collate(r) if r else None for r in rows]
 
 
 def split_by_task(batch: dict, num_tasks: int, per_task: int) -> list[dict | None]:
     """A training batch cut into one batch per task (at most ``per_task`` examples each)."""
+    if batch["task_ids"].dim() != 1:
+        raise ValueError(
+            "grad_conflict.probe=batch cuts the training batch by task, and packed batches (data.packing) mix "
+            "tasks within rows: use grad_conflict.probe=fixed"
+        )
     out: list[dict | None] = []
     for t in range(num_tasks):
         sel = (batch["task_ids"] == t).nonzero().flatten()[:per_task]
