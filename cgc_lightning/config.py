@@ -6,7 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Method = Literal["cgc_lora", "moelora", "joint_lora", "independent_lora", "modula_res", "modula_flan"]
+from cgc_lightning.methods import method_spec
+
+#: The built-in methods; ``cgc_lightning.methods.register`` adds others.
 METHODS: tuple[str, ...] = ("cgc_lora", "moelora", "joint_lora", "independent_lora", "modula_res", "modula_flan")
 MODULA_METHODS: tuple[str, ...] = ("modula_res", "modula_flan")
 Stage = Literal["joint", "universal", "domain", "router"]
@@ -79,17 +81,9 @@ class TaskLayout:
         return {"tasks": list(self.tasks), "clusters": list(self.clusters), "task_cluster": list(self.task_cluster)}
 
 
-#: The AdapterConfig fields each method reads besides the common ones (method, target_modules, r, alpha,
-#: dropout, rslora, exclude_modules, init_adapter): run params list these only, so runs of different
-#: methods compare without columns that mean nothing for one of them.
-METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "cgc_lora": ("num_shared", "num_specific", "gate_input", "gate_per_layer"),
-    "moelora": ("num_experts", "split_rank", "gate_per_layer", "gate_dim"),
-    "joint_lora": (),
-    "independent_lora": (),
-    "modula_res": ("stage", "num_universal", "router_top_k", "load_balance_coef"),
-    "modula_flan": ("stage", "num_universal", "router_top_k", "load_balance_coef"),
-}
+#: The AdapterConfig fields every method reads; each method's own are in its registry entry
+#: (``cgc_lightning.methods.MethodSpec.fields``): run params list only these, so runs of different methods compare
+#: without columns that mean nothing for one of them.
 COMMON_FIELDS = ("method", "target_modules", "r", "alpha", "dropout", "rslora", "exclude_modules", "init_adapter")
 
 
@@ -97,8 +91,9 @@ COMMON_FIELDS = ("method", "target_modules", "r", "alpha", "dropout", "rslora", 
 class AdapterConfig:
     """The adapter method and its hyperparameters. Fields not used by the chosen method are ignored."""
 
-    method: Method = "cgc_lora"
-    """``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``, ``modula_res`` or ``modula_flan``."""
+    method: str = "cgc_lora"
+    """``cgc_lora``, ``moelora``, ``joint_lora``, ``independent_lora``, ``modula_res``, ``modula_flan``, or a
+    method added with ``cgc_lightning.methods.register``."""
     target_modules: str | list[str] = "auto"
     """Layers to adapt: ``auto`` (the preset for the model's family, else PEFT's per-architecture mapping, with a
     warning), a preset name (``llama``, ``qwen2``, ``gemma``, ``gemma3``, ``gpt2``, ``phi3``, ``stablelm``), or a
@@ -151,46 +146,18 @@ class AdapterConfig:
     training loss in the stages that train the router; 0 turns it off."""
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        spec = method_spec(self.method)  # an unknown method: a ValueError that lists the known ones
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got alpha={self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.method == "cgc_lora":
-            if self.num_shared < 0 or self.num_specific < 0 or self.num_shared + self.num_specific == 0:
-                raise ValueError(
-                    f"cgc_lora needs num_shared >= 0, num_specific >= 0, and S + P >= 1; got "
-                    f"num_shared={self.num_shared}, num_specific={self.num_specific}"
-                )
-            if self.gate_input not in ("task", "token", "task+token"):
-                raise ValueError(f"gate_input must be task, token or task+token, got {self.gate_input!r}")
-            if self.gate_input != "task" and self.gate_per_layer is False:
-                raise ValueError(
-                    "a token-reading gate depends on each layer's input, so it cannot be shared by all "
-                    "layers: set gate_per_layer: true or gate_input: task"
-                )
-        if self.method == "moelora":
-            if self.num_experts <= 0:
-                raise ValueError(f"moelora needs num_experts >= 1, got {self.num_experts}")
-            if self.split_rank and self.r % self.num_experts:
-                raise ValueError(
-                    f"split_rank needs r divisible by num_experts, got r={self.r}, num_experts={self.num_experts}"
-                )
-            if self.gate_dim <= 0:
-                raise ValueError(f"gate_dim must be positive, got {self.gate_dim}")
+        if spec.check is not None:
+            spec.check(self)
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
-        if self.method in MODULA_METHODS:
-            if self.num_universal < 1:
-                raise ValueError(f"{self.method} needs num_universal >= 1, got {self.num_universal}")
-            if self.router_top_k is not None and self.router_top_k < 1:
-                raise ValueError(f"router_top_k must be >= 1 or null (dense), got {self.router_top_k}")
-            if self.load_balance_coef < 0:
-                raise ValueError(f"load_balance_coef must be >= 0, got {self.load_balance_coef}")
-        elif self.stage != "joint":
+        if self.method not in MODULA_METHODS and self.stage != "joint":
             raise ValueError(
                 f"stage {self.stage!r} is a MoDULA setting; method {self.method!r} trains in one stage "
                 f"(stage: joint). Staged methods: {MODULA_METHODS}"
@@ -200,14 +167,13 @@ class AdapterConfig:
     def shared_gate(self) -> bool:
         """Whether one gate serves every layer."""
         if self.gate_per_layer is None:
-            return self.method == "moelora"
+            return method_spec(self.method).shared_gate_default
         return not self.gate_per_layer
 
     @property
     def mergeable(self) -> bool:
-        if self.method in MODULA_METHODS:
-            return self.stage in ("universal", "domain")  # no router yet: a constant update per task
-        return self.method != "cgc_lora" or self.gate_input == "task"
+        """Whether a task's whole update is a constant matrix (merging, per-task export), as its method says."""
+        return method_spec(self.method).is_mergeable(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

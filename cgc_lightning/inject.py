@@ -18,12 +18,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cgc_lightning.adapters.cgc_lora import CGCLoRA, TaskLogitGate, expert_layout
 from cgc_lightning.adapters.experts import Adapter
-from cgc_lightning.adapters.lora import IndependentLoRA, JointLoRA
-from cgc_lightning.adapters.modula import MoDULA
-from cgc_lightning.adapters.moelora import MoELoRA, TaskEmbeddingGate
 from cgc_lightning.config import MODULA_METHODS, AdapterConfig, TaskLayout
+from cgc_lightning.methods import method_spec
 from cgc_lightning.routing import RoutingState, attach_routing_state, routing_state
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -228,15 +225,10 @@ def param_report(model: nn.Module) -> ParamReport:
 
 
 def _build_shared_gate(config: AdapterConfig, layout: TaskLayout, dtype, device) -> nn.Module | None:
-    if not config.shared_gate or config.method not in ("cgc_lora", "moelora"):
+    spec = method_spec(config.method)
+    if not config.shared_gate or spec.shared_gate is None:
         return None
-    n = len(layout.tasks)
-    if config.method == "moelora":
-        return TaskEmbeddingGate(
-            num_tasks=n, num_experts=config.num_experts, dim=config.gate_dim, dtype=dtype, device=device
-        )
-    visible, _ = expert_layout(layout.task_cluster, config.num_shared, config.num_specific)
-    return TaskLogitGate(num_tasks=n, num_visible=visible.shape[1], dtype=dtype, device=device)
+    return spec.shared_gate(config, layout, dtype, device)
 
 
 def build_adapter(
@@ -248,7 +240,7 @@ def build_adapter(
     dtype=None,
     device=None,
 ) -> Adapter:
-    """The method's adapter for one layer of shape ``(d_out, d_in)``."""
+    """The method's adapter for one layer of shape ``(d_out, d_in)`` (its registry entry's ``build``)."""
     common = dict(
         in_features=in_features,
         out_features=out_features,
@@ -259,38 +251,10 @@ def build_adapter(
         dtype=dtype,
         device=device,
     )
-    n = len(layout.tasks)
-    if config.method == "joint_lora":
-        return JointLoRA(**common)
-    if config.method == "independent_lora":
-        return IndependentLoRA(num_tasks=n, **common)
-    if config.method == "moelora":
-        return MoELoRA(
-            num_tasks=n,
-            num_experts=config.num_experts,
-            split_rank=config.split_rank,
-            gate=gate,
-            gate_dim=config.gate_dim,
-            **common,
-        )
-    if config.method in MODULA_METHODS:
-        return MoDULA(
-            task_clusters=layout.task_cluster,
-            variant=config.method.removeprefix("modula_"),
-            num_universal=config.num_universal,
-            stage=config.stage,
-            top_k=config.router_top_k,
-            load_balance_coef=config.load_balance_coef,
-            **common,
-        )
-    return CGCLoRA(
-        task_clusters=layout.task_cluster,
-        num_shared=config.num_shared,
-        num_specific=config.num_specific,
-        gate_input=config.gate_input,
-        gate=gate,
-        **common,
-    )
+    adapter = method_spec(config.method).build(config, layout, gate, **common)
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"method {config.method!r} built a {type(adapter).__name__}, not an adapters.experts.Adapter")
+    return adapter
 
 
 @dataclass
@@ -353,7 +317,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, layout: TaskLayout)
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(name))
     for _, layer in adapted_layers(model):
-        if isinstance(layer.adapter, MoDULA):  # a staged method trains only its stage's part
+        if hasattr(layer.adapter, "set_stage"):  # a staged method (MoDULA) trains only its stage's part
             layer.adapter.set_stage(config.stage)
     return param_report(model)
 

@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 
-from cgc_lightning.config import COMMON_FIELDS, METHOD_FIELDS
+from cgc_lightning.config import COMMON_FIELDS
 
 DEFAULT_STORE = "mlruns"
 DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
@@ -373,7 +373,10 @@ def run_params(config: dict) -> dict:
     model = model.get("init_args", model)
     params: dict = {}
     adapter = dict(model.get("adapter") or {})
-    used = set(COMMON_FIELDS).union(METHOD_FIELDS.get(adapter.get("method", "cgc_lora"), ()))
+    from cgc_lightning.methods import method_names, method_spec
+
+    name = adapter.get("method", "cgc_lora")
+    used = set(COMMON_FIELDS).union(method_spec(name).fields if name in method_names() else ())
     _flatten("adapter", {k: v for k, v in adapter.items() if k in used}, params)  # only what the method reads
     _flatten("model", model.get("model") or {}, params)
     for k in ("lr", "weight_decay", "warmup_ratio", "schedule", "gradient_checkpointing"):

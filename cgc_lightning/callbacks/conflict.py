@@ -10,7 +10,8 @@ What "shared" means is read off the adapters, not assumed per method:
 * an expert (a slice ``lora_A[e]``, ``lora_B[e]`` of a stacked tensor) is used by the tasks whose
   route reaches it: every task for joint LoRA and MOELoRA, the tasks of one cluster for CGC-LoRA's
   shared experts, one task for a task-specific or independent expert (so not shared);
-* gate and router tensors are used by every task, except the per-task tables in ``PER_TASK_ROWS``,
+* gate and router tensors are used by every task, except the methods' per-task tables (their registry entries'
+  ``per_task_rows``),
   whose row t only task t reads.
 
 So CGC-LoRA pairs in different clusters share nothing (nan), and independent LoRA has no shared
@@ -38,10 +39,10 @@ from torch import nn
 
 from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_metrics, log_rows
 from cgc_lightning.inject import adapted_layers, adapter_parameters, injection
+from cgc_lightning.methods import method_spec
 from cgc_lightning.routing import route
 
 #: Gate tensors whose leading axis is the task: row t is read by task t alone, so no row is shared.
-PER_TASK_ROWS = frozenset({"gate_logits", "gate_token_W", "gate_task_emb"})
 #: Batch keys a probe needs (the training collator's).
 PROBE_KEYS = ("input_ids", "attention_mask", "labels", "task_ids")
 
@@ -89,8 +90,9 @@ def shared_slices(model: nn.Module) -> list[SharedSlice]:
                 if p.requires_grad:
                     slices.append(SharedSlice(f"{name}.adapter.experts.{pname}", p, index, torch.tensor(key)))
     everyone = torch.ones(n, dtype=torch.bool)
+    per_task = method_spec(injection(model).config.method).per_task_rows  # a row per task: not shared
     for name, p in adapter_parameters(model):
-        if ".adapter.experts." in name or not p.requires_grad or name.rsplit(".", 1)[-1] in PER_TASK_ROWS:
+        if ".adapter.experts." in name or not p.requires_grad or name.rsplit(".", 1)[-1] in per_task:
             continue
         slices.append(SharedSlice(name, p, None, everyone))
     return slices

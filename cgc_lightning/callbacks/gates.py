@@ -23,11 +23,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from cgc_lightning.adapters.cgc_lora import expert_layout
 from cgc_lightning.adapters.experts import spread_weights
 from cgc_lightning.callbacks._log import Stopwatch, log_figure, log_json, log_metrics, log_rows
 from cgc_lightning.config import AdapterConfig, TaskLayout
 from cgc_lightning.inject import adapted_layers, injection
+from cgc_lightning.methods import method_spec
 from cgc_lightning.routing import route
 from cgc_lightning.tracking import mlflow_logger
 
@@ -35,32 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def expert_labels(config: AdapterConfig, layout: TaskLayout, num_experts: int) -> list[str]:
-    """A name for each expert of a layer, in expert-axis order.
+    """A name for each expert of a layer, in expert-axis order (the method's registry entry).
 
     CGC-LoRA: ``shared.<cluster>.<i>`` (``shared.<i>`` with one cluster) and ``specific.<task>.<j>``;
     MoDULA: ``universal``, ``domain.<cluster>``; MOELoRA: ``expert.<e>``; independent LoRA: the task's name;
     joint LoRA: ``lora``.
     """
-    if config.method == "cgc_lora":
-        labels = [""] * num_experts
-        visible, _ = expert_layout(layout.task_cluster, config.num_shared, config.num_specific)
-        S = config.num_shared
-        for t, row in enumerate(visible.tolist()):
-            cluster = layout.clusters[layout.task_cluster[t]]
-            for i, e in enumerate(row[:S]):
-                labels[e] = f"shared.{cluster}.{i}" if len(layout.clusters) > 1 else f"shared.{i}"
-            for j, e in enumerate(row[S:]):
-                labels[e] = f"specific.{layout.tasks[t]}.{j}"
-        return labels
-    if config.method.startswith("modula"):
-        from cgc_lightning.adapters.modula import expert_labels as modula_labels
-
-        return modula_labels(layout.clusters, getattr(config, "num_universal", 1))
-    if config.method == "independent_lora":
-        return list(layout.tasks)
-    if config.method == "joint_lora":
-        return ["lora"]
-    return [f"expert.{e}" for e in range(num_experts)]
+    return method_spec(config.method).expert_labels(config, layout, num_experts)
 
 
 @dataclass
@@ -91,10 +72,6 @@ class GateUsage:
             "weight": _nan_to_none(self.weight.tolist()),
             "entropy": _nan_to_none(self.entropy.tolist()),
         }
-
-
-#: Methods whose gate weights are a softmax over the experts a task reaches (they sum to 1).
-SOFTMAX_GATES = ("cgc_lora", "moelora")
 
 
 def distance_from_uniform(weight: torch.Tensor) -> float:
@@ -295,7 +272,7 @@ class GateUsageMonitor(Callback):
             if entropies:
                 out["gate/entropy"] = sum(entropies) / len(entropies)
             log_rows(trainer, rows, "diagnostics/gate_weights.json")
-            if pl_module.adapter_config.method in SOFTMAX_GATES:
+            if method_spec(pl_module.adapter_config.method).softmax_gate:  # weights that sum to 1 over a task's reach
                 out["gate/max_from_uniform"] = distance_from_uniform(usage.weight)
                 self._check_uniform(trainer, pl_module, out["gate/max_from_uniform"])
             log_metrics(trainer, out, step)
