@@ -55,14 +55,16 @@ def our_config_error(error: BaseException) -> str | None:
         seen.add(id(error))
         tb, owners = error.__traceback__, []
         while tb is not None:  # the classes whose methods the error passed through, innermost last
-            owners.append(type(tb.tb_frame.f_locals.get("self")).__name__)
+            frame = tb.tb_frame
+            # a method's own check (a plain function of the registry) speaks for the config that called it
+            if not (frame.f_code.co_filename.endswith("methods.py") and "self" not in frame.f_locals):
+                owners.append(type(frame.f_locals.get("self")).__name__)
             if tb.tb_next is None:
                 break
             tb = tb.tb_next
         ours = isinstance(error, ValueError) and tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS)
         if ours and found is None:  # the outermost of ours: it names the file or key (ModelLoadError from ValueError)
-            # the section of the innermost config class it came through (a method's check is a plain function)
-            found = (error, next((o for o in reversed(owners) if o in _SECTIONS), owners[-1] if owners else ""))
+            found = (error, owners[-1] if owners else "")
         error = error.__cause__ or error.__context__
     if found is None:
         return None

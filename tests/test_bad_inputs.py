@@ -140,7 +140,7 @@ CASES = [
     ),
     pytest.param(
         overrides("--model.adapter.method=lora2"),
-        ['Parser key "model.adapter"', "method", "lora2"],
+        ["model.adapter: unknown method 'lora2'; choose one of ('cgc_lora', "],
         id="adapter-method-unknown",
     ),
     pytest.param(
