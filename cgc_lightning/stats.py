@@ -16,7 +16,7 @@ the shared draw they get exactly the one-seed interval. With one seed this is th
 bootstrap over examples. The interval is the percentile one, [q_{α/2}, q_{1-α/2}] of θ*, α = 1 - confidence,
 and the verdict "better" / "worse" needs all of it on one side of 0.
 
-Δm is compare.py's, on each seed's task means, averaged over seeds like grid.py's summary (s_t = -1 for a
+Δm is compare.py's, on each seed's task means, averaged over seeds like grid's summary (s_t = -1 for a
 lower-is-better score, +1 otherwise):
 
     rel_{t,s} = s_t (M_{m,t,s} - M_{ref,t,s}) / |M_{ref,t,s}|     (M_{ref,t,s} = 0: s_t (M_{m,t,s} - M_{ref,t,s}))

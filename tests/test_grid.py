@@ -337,7 +337,9 @@ def test_jobs_run_at_once_one_point_per_gpu_until_a_peak_is_known(tmp_path, monk
         "f\"{os.environ.get('CUDA_VISIBLE_DEVICES')} {t} {time.time()} {os.environ['OMP_NUM_THREADS']}\")"
     )
     monkeypatch.setattr(
-        grid, "point_command", lambda _c, p, _p, _u: [sys.executable, "-c", script, str(tmp_path / f"{p.id}.out")]
+        grid.schedule,
+        "point_command",
+        lambda _c, p, _p, _u: [sys.executable, "-c", script, str(tmp_path / f"{p.id}.out")],
     )
     monkeypatch.setattr(gpu_slots, "query_gpus", lambda ids: dict.fromkeys(ids))
     assert not grid.run_grid("g.yaml", cfg, points, store, parent, jobs=2, gpus=["0", "1"])  # no test metrics

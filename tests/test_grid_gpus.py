@@ -303,7 +303,7 @@ def _grid(tmp_path, monkeypatch, n: int, memory: dict, modes: dict[int, str] | N
     out.mkdir()
     mode = {p.id: (modes or {}).get(k, "ok") for k, p in enumerate(points)}
     monkeypatch.setattr(
-        grid,
+        grid.schedule,
         "point_command",
         lambda _c, p, _p, _u: [sys.executable, "-c", POINT, str(out), p.id, str(secs), mode[p.id]],
     )
