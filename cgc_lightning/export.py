@@ -131,7 +131,7 @@ def read_saved_adapter(path: str | Path) -> tuple[AdapterConfig, TaskLayout, dic
     if path.startswith(("runs:/", "mlflow-artifacts:/", "models:/")):
         from mlflow.artifacts import download_artifacts
 
-        from cgc_lightning.tracking import default_tracking_uri
+        from cgc_lightning.mlflow_env import default_tracking_uri
 
         path = download_artifacts(artifact_uri=path, tracking_uri=default_tracking_uri())
     if not Path(path).exists():

@@ -46,7 +46,7 @@ def load_source(source: str, base_model: str | None, gguf_file: str | None, trac
     if RUN_ID.match(source) and not path.exists():
         from mlflow import MlflowClient
 
-        from cgc_lightning.tracking import default_tracking_uri
+        from cgc_lightning.mlflow_env import default_tracking_uri
 
         tmp = tempfile.mkdtemp(prefix="cgc-export-")
         try:

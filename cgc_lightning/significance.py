@@ -21,7 +21,7 @@ import numpy as np
 
 from cgc_lightning import stats
 from cgc_lightning.examples import load_examples
-from cgc_lightning.tracking import quiet_downloads
+from cgc_lightning.mlflow_env import quiet_downloads
 
 #: Bootstrap resamples for the reports (the intervals move by well under 0.1 point between draws at this count).
 N_RESAMPLES = 5000

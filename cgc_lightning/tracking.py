@@ -13,7 +13,6 @@ Unless ``MLFLOW_TRACKING_URI`` or the config says otherwise, runs go to ``sqlite
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -33,15 +32,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow import MlflowClient
 
 from cgc_lightning.config import COMMON_FIELDS
+from cgc_lightning.mlflow_env import DEFAULT_STORE, DEFAULT_URI, default_tracking_uri, quiet_downloads  # noqa: F401
 
-DEFAULT_STORE = "mlruns"
-DEFAULT_URI = f"sqlite:///{DEFAULT_STORE}/mlflow.db"
 #: The seed of a config that names none (``seed_everything_default`` of ``cli.main``).
 DEFAULT_SEED = 42
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def unique_run_name(*parts: object) -> str:
@@ -58,21 +52,6 @@ def unique_run_name(*parts: object) -> str:
 def seed_text(seed: object) -> str:
     """``seed=<seed>`` for a run name; ``seed_everything: true`` draws the seed when ``fit`` starts."""
     return "seed=random" if seed is True else "seed=none" if seed is False else f"seed={seed}"
-
-
-@contextlib.contextmanager
-def quiet_downloads():
-    """No MLflow progress bar for the small artifact downloads inside (reports, appended tables)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 LOCKED_RETRIES = 8

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 
 from lightning.pytorch import Trainer
 
-from cgc_lightning.tracking import mlflow_logger, quiet_downloads
+from cgc_lightning.mlflow_env import quiet_downloads
+from cgc_lightning.tracking import mlflow_logger
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:

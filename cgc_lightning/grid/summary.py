@@ -150,7 +150,7 @@ def delta_m_figure(s: Summary, cfg: GridConfig):
 def add_intervals(s: Summary, client, n_resamples: int | None = None) -> None:
     """Δm's bootstrap interval for each group with a reference, over its seeds and the test examples (paired with
     the reference point of each seed), from the runs' per-example results; ``s.interval_note`` says why not."""
-    from cgc_lightning.compare import LOWER_IS_BETTER
+    from cgc_lightning.metrics import LOWER_IS_BETTER
     from cgc_lightning.significance import N_RESAMPLES, method_significance
 
     for g in s.groups:
