@@ -96,3 +96,26 @@ def lean_loss_unsupported(model: nn.Module) -> str | None:
         if getattr(config, name, None) not in (None, 1, 1.0):
             return f"its config scales the logits ({name}={getattr(config, name)})"
     return None
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 for a softmax; float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position.
+
+    Args:
+        logits: ``(B, L, V)``.
+        labels: ``(B, L)`` with ``-100`` where no loss is taken (prompt, padding).
+
+    Returns:
+        ``losses: (B, L-1)`` (zero where masked) and ``mask: (B, L-1)``.
+    """
+    logits, labels = upcast(logits[:, :-1]), labels[:, 1:]
+    mask = labels != IGNORE
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
+    ).view(labels.shape)  # (B, L-1)
+    return losses * mask, mask
