@@ -181,8 +181,13 @@ class CGCLightningCLI(LightningCLI):
         logger = mlflow_logger(self.trainer)
         if logger is None or not self.trainer.is_global_zero or logger._run_id is None:
             return
-        client, exp = logger.experiment, logger.experiment_id
-        update_runs_view(client, exp, client.get_run(logger.run_id).data.metrics)
+        exp = logger.experiment_id
+        try:
+            client = logger.experiment
+            update_runs_view(client, exp, client.get_run(logger.run_id).data.metrics)
+        except Exception as e:  # the store is unreachable: the run's own metrics are kept (tracking.py); say so
+            print(f"MLflow run {logger.run_id}: could not update the runs view ({type(e).__name__})", file=sys.stderr)
+            return
         print(f"MLflow run {logger.run_id}: `{ui_command(logger._tracking_uri)}`, then {runs_url(exp)}", flush=True)
 
     def before_instantiate_classes(self) -> None:
