@@ -17,46 +17,88 @@ from cgc_lightning.routing import route
 from cgc_lightning.tracking import mlflow_logger
 
 
+class LineEndTable:
+    """Per vocabulary entry, what its text does to "has the answer's first line ended?", as device tensors.
+
+    ``ends[v]``: the token's text alone has a line break after some non-blank text; ``newline[v]``: it has a
+    line break; ``text[v]``: it has non-blank text. A row has ended its first line at a token that ``ends``,
+    or at a ``newline`` token once an earlier token had ``text``: exactly when its decoded continuation,
+    stripped of leading blanks, holds a line break. Built once per tokenizer by decoding each entry alone.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, device: torch.device):
+        size = max(vocab_size, len(tokenizer))
+        texts = tokenizer.batch_decode([[v] for v in range(len(tokenizer))], skip_special_tokens=True)
+        flags = torch.zeros(3, size, dtype=torch.bool)
+        flags[0, : len(texts)] = torch.tensor(["\n" in t.lstrip() for t in texts])
+        flags[1, : len(texts)] = torch.tensor(["\n" in t for t in texts])
+        flags[2, : len(texts)] = torch.tensor([bool(t.strip()) for t in texts])
+        self.ends, self.newline, self.text = flags.to(device)
+
+
 class FirstLineEnded(StoppingCriteria):
     """Done for a row once its generated text has a line break after some text (leading blank lines do not
-    count, as the answer is read as the first non-blank line); generation stops when every row is done."""
+    count, as the answer is read as the first non-blank line); generation stops when every row is done.
 
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    Reads only the newest token of each row against a :class:`LineEndTable`: no decoding and no per-row
+    Python work while generating.
+    """
+
+    def __init__(self, table: LineEndTable, batch_size: int):
+        self.table = table
+        self.seen_text = torch.zeros(batch_size, dtype=torch.bool, device=table.text.device)  # (B,)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+        token = input_ids[:, -1]  # (B,)
+        done = self.table.ends[token] | (self.seen_text & self.table.newline[token])
+        self.seen_text |= self.table.text[token]
+        return done
+
+
+def _select(batch: dict, rows: list[int]) -> dict:
+    """The host-side per-example lists of ``rows`` of an evaluation batch (for the per-example records)."""
+    return {k: [batch[k][i] for i in rows] for k in ("example_ids", "choices", "references")}
 
 
 class EvaluationMixin:
     """The evaluation steps and hooks of the LightningModule (mixed into it)."""
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, "val", dataloader_idx)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, "test", dataloader_idx)
+        self._eval_step(batch, "test")
 
-    def _eval_step(self, batch, stage: str, task: int) -> None:
+    def _eval_step(self, batch, stage: str) -> None:
+        """One evaluation batch (of one kind, :func:`datamodules.collate.eval_batches`), of any tasks: the batch is
+        scored at once, then each task's rows (``batch["task_rows"]``) go to that task's metric."""
         _, task_sum, task_tokens = self._per_task_loss(batch)
-        acc = self._eval_loss.setdefault(stage, torch.zeros(2, len(self.layout.tasks), device=self.device))
+        # float64: sums over many batches, in an order that depends on how the batches are made
+        acc = self._eval_loss.setdefault(
+            stage, torch.zeros(2, len(self.layout.tasks), device=self.device, dtype=torch.float64)
+        )
         acc[0] += task_sum
         acc[1] += task_tokens
-        metric = self.metrics[stage][task]
         record = stage == "test" or (stage == "val" and self.log_val_examples)
-        name = self.layout.tasks[task]
-        if metric.name == "accuracy" and "choice_input_ids" in batch:
+        groups = batch["task_rows"]
+        if batch["kind"] == "choice":
             picked = self._choice_predictions(batch)
             correct = picked == batch["target_index"]
-            metric.update_choices(correct)
-            if record and "example_ids" in batch:
-                self.examples.add_choices(stage, name, batch, picked, correct)
+            for task, rows in groups.items():
+                index = batch["task_index"][task] if len(groups) > 1 else slice(None)
+                self.metrics[stage][task].update_choices(correct[index])
+                if record:
+                    part = _select(batch, rows) if len(groups) > 1 else batch
+                    self.examples.add_choices(stage, self.layout.tasks[task], part, picked[index], correct[index])
         else:
-            texts = self.generate_texts(batch)
-            metric.update_texts(texts, batch["references"])
-            if record and "example_ids" in batch:
-                self.examples.add_texts(stage, name, batch, texts, metric.example_scores(texts, batch["references"]))
+            texts, refs = self.generate_texts(batch), batch["references"]
+            for task, rows in groups.items():
+                metric = self.metrics[stage][task]
+                mine, their_refs = [texts[i] for i in rows], [refs[i] for i in rows]
+                metric.update_texts(mine, their_refs)
+                if record:
+                    scores = metric.example_scores(mine, their_refs)
+                    self.examples.add_texts(stage, self.layout.tasks[task], _select(batch, rows), mine, scores)
 
     def _choice_predictions(self, batch) -> torch.Tensor:
         """Index of the likeliest answer choice of each example, ``(B,)``."""
@@ -114,6 +156,10 @@ class EvaluationMixin:
     def generate_texts(self, batch) -> list[str]:
         """Greedy continuations of the (left-padded) prompts, up to the first line break."""
         prompt = batch["prompt_ids"]
+        table = getattr(self, "_line_ends", None)
+        if table is None or table.text.device != prompt.device:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._line_ends = table = LineEndTable(self.tokenizer, vocab, prompt.device)
         with route(self.model, batch["task_ids"], validate=False):
             out = self.model.generate(
                 input_ids=prompt,
@@ -122,7 +168,7 @@ class EvaluationMixin:
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 # the answer is the first line: stop once every row has ended one (or reached EOS)
-                stopping_criteria=StoppingCriteriaList([FirstLineEnded(self.tokenizer, prompt.shape[1])]),
+                stopping_criteria=StoppingCriteriaList([FirstLineEnded(table, prompt.shape[0])]),
             )
         texts = self.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
@@ -131,7 +177,7 @@ class EvaluationMixin:
         acc = self._eval_loss.pop(stage, None)
         if self._world_size > 1:  # each rank evaluated its share of every task (the metrics sync themselves)
             if acc is None:
-                acc = torch.zeros(2, len(self.layout.tasks), device=self.device)
+                acc = torch.zeros(2, len(self.layout.tasks), device=self.device, dtype=torch.float64)
             acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
         scores, losses = [], []
         self.results[stage] = rows = []  # (task, metric, value, loss) for the CLI's results table

@@ -75,10 +75,11 @@ class Collator:
         pad_id: the tokenizer's padding id.
         task_cluster: cluster id of each task id.
         eval_mode: also build the generation and choice-scoring tensors.
+        choices: in ``eval_mode``, build the choice-scoring tensors (not needed for a batch scored by generation).
     """
 
-    def __init__(self, pad_id: int, task_cluster: list[int], eval_mode: bool = False):
-        self.pad_id, self.eval_mode = pad_id, eval_mode
+    def __init__(self, pad_id: int, task_cluster: list[int], eval_mode: bool = False, choices: bool = True):
+        self.pad_id, self.eval_mode, self.choices = pad_id, eval_mode, choices
         self.task_cluster = torch.tensor(task_cluster, dtype=torch.long)
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -104,7 +105,7 @@ class Collator:
         batch["target_index"] = torch.tensor([r["target_index"] for r in rows], dtype=torch.long)
         # every (example, choice) pair as one sequence; its score is the choice tokens' log-likelihood
         pairs = [(i, p, c) for i, (p, r) in enumerate(zip(prompts, rows, strict=True)) for c in r["choice_ids"]]
-        if pairs:
+        if pairs and self.choices:
             seqs = [p + c for _, p, c in pairs]
             batch["choice_input_ids"] = _pad(seqs, self.pad_id)  # (N_pairs, L)
             batch["choice_mask"] = _pad([[1] * len(s) for s in seqs], 0)
@@ -113,6 +114,54 @@ class Collator:
             # the choices alone, for scoring them on the prompt's KV cache (the prompt then runs once per example)
             batch["choice_ids"] = _pad([c for _, _, c in pairs], self.pad_id)  # (N_pairs, C), right-padded
             batch["choice_ids_mask"] = _pad([[1] * len(c) for _, _, c in pairs], 0)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_kind(row: dict, task_metrics: list[str]) -> str:
+    """How an evaluation example is scored: ``"choice"`` (likeliest answer choice) or ``"text"`` (generation)."""
+    return "choice" if task_metrics[row["task_id"]] == "accuracy" and row["choice_ids"] else "text"
+
+
+def eval_batches(rows: list[dict], task_metrics: list[str], batch_size: int, by_length: bool = True) -> list[dict]:
+    """Evaluation batches of ``rows`` (of any tasks), each of one kind: ``[{"kind": ..., "rows": [...]}, ...]``.
+
+    Choice-scored examples come first, then generated ones. With ``by_length`` each kind is ordered longest
+    first (prompt, plus the longest choice for choice scoring), so a batch's rows are of about the same length
+    and little of it is padding, whatever their tasks; the longest batch comes first, so one that does not fit
+    in memory fails at once. Without it the rows keep their order.
+    """
+    batches = []
+    for kind in ("choice", "text"):
+        part = [r for r in rows if eval_kind(r, task_metrics) == kind]
+        if by_length:  # a choice is scored after its prompt: the longest choice counts too
+            part.sort(
+                key=lambda r: -len(r["prompt_ids"]) - max(map(len, r["choice_ids"] if kind == "choice" else [[]]))
+            )
+        batches += [{"kind": kind, "rows": part[i : i + batch_size]} for i in range(0, len(part), batch_size)]
+    return batches
+
+
+class EvalCollator:
+    """Pads one item of :func:`eval_batches` into a batch (:class:`Collator` in eval mode) that also carries its
+    ``kind``, ``task_rows``: ``{task id: [row, ...]}`` (host lists) and ``task_index``: the same as tensors, which
+    travel to the device with the batch, so a task's rows are picked there without a copy or a sync."""
+
+    def __init__(self, pad_id: int, task_cluster: list[int]):
+        self.with_choices = Collator(pad_id, task_cluster, eval_mode=True)
+        self.without = Collator(pad_id, task_cluster, eval_mode=True, choices=False)
+
+    def __call__(self, item: dict) -> dict:
+        rows = item["rows"]
+        batch = (self.with_choices if item["kind"] == "choice" else self.without)(rows)
+        batch["kind"] = item["kind"]
+        task_rows: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            task_rows.setdefault(r["task_id"], []).append(i)
+        batch["task_rows"] = task_rows
+        batch["task_index"] = {t: torch.tensor(rows, dtype=torch.long) for t, rows in task_rows.items()}
         return batch
 
 

@@ -1,4 +1,4 @@
-"""The multi-task data module: task specs in, per-cluster mixed training batches and per-task eval loaders out."""
+"""The multi-task data module: task specs in, multi-task training batches and evaluation batches out."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from cgc_lightning.cache import build_once
 from cgc_lightning.hf import ModelSpec, load_tokenizer
 from datamodules.bigbench import task_file
-from datamodules.collate import Collator, PackingCollator, encode
+from datamodules.collate import Collator, EvalCollator, PackingCollator, encode, eval_batches
 from datamodules.errors import DataError
 from datamodules.sampling import EvalShardSampler, MultiTaskSampler, PackedBatchSampler, task_probabilities
 from datamodules.tasks import TaskSpec, check_file, is_local_file, load_task_rows
@@ -64,6 +64,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         test_fraction: share of each task held out for test.
         max_train_examples: cap per task on training examples (after the split).
         max_eval_examples: cap per task on validation and test examples.
+        max_test_examples: cap per task on test examples; default: ``max_eval_examples``. A study can then
+            validate often on a few examples and test once on many.
         samples_per_epoch: training examples drawn per epoch; default: all tasks' training examples.
         seed: seed of the splits and the sampler.
         target_prefix: text put before the target (a space, for ``"...Answer:" + " yes"``).
@@ -74,6 +76,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             many as fit (:class:`~datamodules.collate.PackingCollator`): no padding between examples, each
             example attending only to itself and each token routed to its own task's experts. A step then
             trains on more examples at about the cost of a padded batch of the same rows. One process only.
+        eval_mix_tasks: evaluate all tasks in one loader whose batches mix tasks (grouped by how they are
+            scored, answer choices or generation, and by length, so little is padded); each row is scored
+            and routed as its own task. ``false``: one loader per task, the tasks one after another.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         test_fraction: float = 0.1,
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        max_test_examples: int | None = None,
         samples_per_epoch: int | None = None,
         seed: int = 42,
         target_prefix: str = " ",
@@ -97,9 +103,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/data",
         num_workers: int = 0,
         packing: bool = False,
+        eval_mix_tasks: bool = True,
     ):
         super().__init__()
-        self.packing = packing
+        self.packing, self.eval_mix_tasks = packing, eval_mix_tasks
         self._packed_sampler = None
         if not tasks:
             raise DataError("data.tasks is empty: list at least one task")
@@ -148,6 +155,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.sampling, self.temperature = sampling, temperature
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.max_test_examples = max_test_examples if max_test_examples is not None else max_eval_examples
         self.samples_per_epoch, self.seed, self.target_prefix = samples_per_epoch, seed, target_prefix
         self.bigbench_dir, self.cache_dir, self.num_workers = bigbench_dir, cache_dir, num_workers
         self.splits: dict[str, list] | None = None
@@ -250,7 +258,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             per_task = [self._build_task(i, spec) for i, spec in enumerate(self.tasks)]
             self.splits = {}
             for s in SPLITS:
-                cap = self.max_train_examples if s == "train" else self.max_eval_examples
+                cap = {"train": self.max_train_examples, "val": self.max_eval_examples}.get(s, self.max_test_examples)
                 self.splits[s] = [rows[s][:cap] if cap else rows[s] for rows in per_task]
         return self.splits
 
@@ -347,22 +355,33 @@ class MultiTaskDataModule(L.LightningDataModule):
             # each of the ranks consumed batches_done batches of the one global order, interleaved
             self._resume_samples = state.get("examples_done") or state["batches_done"] * self.batch_size * ranks
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
-        collate = Collator(self.tokenizer.pad_token_id, self.task_cluster_ids, eval_mode=True)
+    def _eval_loaders(self, split: str, mix: bool | None = None) -> list[DataLoader]:
+        """Evaluation loaders of ``split``: one over all tasks (``mix``, default ``eval_mix_tasks``), else one per task.
+
+        Each loader's items are whole batches (:func:`eval_batches`), so under DDP a rank takes whole batches,
+        each batch on one rank only, and every example is scored exactly once.
+        """
+        mix = self.eval_mix_tasks if mix is None else mix
+        collate = EvalCollator(self.tokenizer.pad_token_id, self.task_cluster_ids)
         trainer = getattr(self, "trainer", None)
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return [
-            DataLoader(
-                rows,
-                batch_size=self.eval_batch_size,
-                # several processes: each example on one rank only (Lightning's sampler would repeat some)
-                sampler=EvalShardSampler(len(rows), ranks, rank) if ranks > 1 else None,
-                shuffle=False,
-                collate_fn=collate,
-                num_workers=self.num_workers,
+        per_task = self._build()[split]
+        groups = [[r for rows in per_task for r in rows]] if mix else per_task
+        loaders = []
+        for rows in groups:
+            batches = eval_batches(rows, self.task_metrics, self.eval_batch_size, by_length=mix)
+            loaders.append(
+                DataLoader(
+                    batches,
+                    batch_size=None,  # the items are batches already
+                    # several processes: each batch on one rank only (Lightning's sampler would repeat some)
+                    sampler=EvalShardSampler(len(batches), ranks, rank) if ranks > 1 else None,
+                    shuffle=False,
+                    collate_fn=collate,
+                    num_workers=self.num_workers,
+                )
             )
-            for rows in self._build()[split]
-        ]
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
@@ -371,4 +390,4 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._eval_loaders("test")
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders("test")
+        return self._eval_loaders("test", mix=False)  # predictions come back one list per task

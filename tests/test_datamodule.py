@@ -212,8 +212,8 @@ def test_training_batches_mix_tasks_and_carry_ids(tmp_path):
     assert seen == {0, 1, 2}
 
 
-def test_eval_loaders_are_one_per_task(tmp_path):
-    dm = make_dm(tmp_path, max_eval_examples=5)
+def test_eval_loaders_are_one_per_task_without_mixing(tmp_path):
+    dm = make_dm(tmp_path, max_eval_examples=5, eval_mix_tasks=False)
     dm.setup("validate")
     loaders = dm.val_dataloader()
     assert len(loaders) == 3
@@ -228,6 +228,37 @@ def test_eval_loaders_are_one_per_task(tmp_path):
     # every example scored against both choices; the target index points at the true one
     assert torch.equal(mc["choice_example"], torch.arange(5).repeat_interleave(2))  # tiny_plausible: 6 val rows
     assert set(mc["target_index"].tolist()) <= {0, 1}
+
+
+def test_one_eval_loader_mixes_tasks_in_batches_of_one_kind_and_similar_length(tmp_path):
+    dm = make_dm(tmp_path, eval_batch_size=4)
+    dm.setup("validate")
+    (loader,) = dm.val_dataloader()
+    counts = dm.example_counts()
+    seen, kinds, mixed = [], [], False
+    for batch in loader:
+        kinds.append(batch["kind"])
+        tasks = batch["task_ids"].tolist()
+        assert {t: [i for i, x in enumerate(tasks) if x == t] for t in set(tasks)} == batch["task_rows"]
+        assert all(torch.equal(batch["task_index"][t], torch.tensor(r)) for t, r in batch["task_rows"].items())
+        mixed |= len(batch["task_rows"]) > 1
+        # plausible is the choice task: its batches carry choices, the generated ones do not
+        assert ("choice_input_ids" in batch) == (batch["kind"] == "choice") == (set(tasks) == {0})
+        lengths = batch["prompt_mask"].sum(1).tolist()
+        seen += [(t, e) for t, e in zip(tasks, batch["example_ids"], strict=True)]
+        if batch["kind"] == "text":
+            assert lengths == sorted(lengths, reverse=True), "longest first"
+    assert kinds == sorted(kinds), "choice batches first, then generation"
+    assert mixed, "generation batches hold rows of both generation tasks"
+    assert len(seen) == len(set(seen)) == sum(c["val"] for c in counts.values()), "each example exactly once"
+
+
+def test_max_test_examples_caps_the_test_split_alone(tmp_path):
+    dm = make_dm(tmp_path, max_eval_examples=2, max_test_examples=3)
+    counts = dm.example_counts()
+    assert all(c["val"] <= 2 for c in counts.values()) and max(c["val"] for c in counts.values()) == 2
+    assert max(c["test"] for c in counts.values()) == 3
+    assert make_dm(tmp_path, max_eval_examples=2).max_test_examples == 2, "default: max_eval_examples"
 
 
 def test_tokenised_data_is_cached(tmp_path):

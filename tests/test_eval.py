@@ -136,3 +136,72 @@ def test_a_checkpoint_of_other_adapters_is_refused_by_name(tmp_path):
     dropped = next(iter(checkpoint["state_dict"]))
     with pytest.raises(ValueError, match=rf"1 missing \['{re.escape(dropped)}'\], 0 unexpected"):
         module("cgc_lora").on_load_checkpoint(one_short)
+
+
+def test_the_line_end_table_stops_where_decoding_the_whole_continuation_would():
+    """The stopping rule reads one token per row against a table; decoding each row's whole continuation and
+    looking for a line break after its first non-blank text is the reference."""
+    from transformers import AutoTokenizer
+
+    from cgc_lightning.evaluation import FirstLineEnded, LineEndTable
+
+    tok = AutoTokenizer.from_pretrained(FIXTURES / "tiny-llama")
+    table = LineEndTable(tok, 410, torch.device("cpu"))  # an embedding larger than the vocabulary
+    texts = tok.batch_decode([[v] for v in range(len(tok))], skip_special_tokens=True)
+    blank = [v for v, t in enumerate(texts) if not t.strip()]  # newline, spaces, special tokens
+    g = torch.Generator().manual_seed(0)
+    B, P, steps = 64, 3, 12
+    # mostly blank and newline tokens, so rows end early, late, after leading blank lines, or never
+    pool = torch.tensor(blank * 6 + list(range(len(tok))))
+    ids = torch.cat(
+        [torch.randint(0, len(tok), (B, P), generator=g), pool[torch.randint(0, len(pool), (B, steps), generator=g)]], 1
+    )
+    stop = FirstLineEnded(table, B)
+    ended = torch.zeros(B, dtype=torch.bool)
+    for k in range(1, steps + 1):
+        done = stop(ids[:, : P + k], None)
+        reference = torch.tensor(
+            ["\n" in t.lstrip() for t in tok.batch_decode(ids[:, P : P + k], skip_special_tokens=True)]
+        )
+        assert torch.equal(done | ended, reference), f"step {k}"
+        ended |= done
+    assert 0 < int(ended.sum()) < B, "some rows end and some do not"
+
+
+def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
+    """The same model scores the same examples the same, whether a batch holds one task or several (float64):
+    per-task metrics and losses, and every per-example record."""
+    torch.manual_seed(0)
+    dm = make_dm(tmp_path, max_eval_examples=6, eval_batch_size=4)
+    dm.setup("test")
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=family_dir(tmp_path, "llama"), random_init=True, dtype="float64"),
+        adapter=AdapterConfig(method="cgc_lora", r=4),
+        task_names=dm.task_names,
+        task_clusters=dm.task_clusters,
+        task_metrics=dm.task_metrics,
+        max_new_tokens=6,
+    ).eval()
+    with torch.no_grad():
+        for _, p in adapter_parameters(module.model):
+            p.normal_(0, 0.3)
+
+    def evaluate(mix: bool) -> tuple[dict, list]:
+        logged = {}
+        module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+        with torch.no_grad():
+            for loader in dm._eval_loaders("test", mix=mix):
+                for batch in loader:
+                    module._eval_step(batch, "test")
+        rows = sorted(module.examples.pop("test"), key=lambda r: (r["task"], r["example_id"]))
+        module._log_eval("test")
+        return logged, rows
+
+    (mixed_loader,) = dm._eval_loaders("test", mix=True)
+    assert any(len(b["task_rows"]) > 1 for b in mixed_loader), "the mixed loader must mix tasks"
+    per_task, per_task_rows = evaluate(mix=False)
+    mixed, mixed_rows = evaluate(mix=True)
+    assert set(mixed) == set(per_task) and any(k.endswith("/loss") for k in mixed)
+    for key, value in per_task.items():
+        assert mixed[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert mixed_rows == per_task_rows and len(mixed_rows) == sum(c["test"] for c in dm.example_counts().values())

@@ -88,6 +88,7 @@ def test_generations_are_cut_at_the_first_line_break():
     prompt = torch.tensor([[5, 6], [7, 8], [9, 10]])
     m.model.generate = lambda input_ids, **kw: torch.cat([input_ids, torch.ones(3, 2, dtype=torch.long)], 1)
     m.tokenizer = SimpleNamespace(pad_token_id=0, batch_decode=lambda ids, **kw: continuations)
+    m._line_ends = SimpleNamespace(text=torch.zeros(1, dtype=torch.bool))  # the stopping table (generate is faked)
     batch = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "task_ids": torch.tensor([0, 1, 0])}
     assert m.generate_texts(batch) == ["Paris", "leading blank lines", "one line"]
     batch["references"] = [["Paris"], ["x"], ["one line"]]

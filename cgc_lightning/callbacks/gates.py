@@ -109,10 +109,13 @@ class _Recorder:
         self._pending = [False] * L
         self._handles = []
 
-    def expect(self, attention_mask: torch.Tensor, rows: int | None = None) -> None:
-        """The next forward is of a batch with this ``(B, T)`` mask; count its first ``rows`` samples."""
+    def expect(self, attention_mask: torch.Tensor, rows: int | torch.Tensor | None = None) -> None:
+        """The next forward is of a batch with this ``(B, T)`` mask; count its first ``rows`` samples, or the
+        samples where ``rows: (B,)`` is true."""
         mask = attention_mask.to(torch.float64)
-        if rows is not None and rows < mask.shape[0]:
+        if isinstance(rows, torch.Tensor):
+            mask = mask * rows.to(mask.device, torch.float64)[:, None]
+        elif rows is not None and rows < mask.shape[0]:
             mask = torch.cat([mask[:rows], mask.new_zeros(mask.shape[0] - rows, mask.shape[1])])
         self._mask, self._pending = mask, [True] * len(self.layers)
 
@@ -189,8 +192,8 @@ class GateUsageMonitor(Callback):
     ``diagnostics/gate_weights.json`` (or as metrics ``gate/<task>/<expert>`` and ``gate/<task>/entropy`` with
     ``per_task_metrics``); artifacts ``diagnostics/gate_usage.png`` (task x expert, averaged over layers) and
     ``diagnostics/gate_usage.json`` (per layer), refreshed each time.
-    The weights are read, through forward pre-hooks, off the validation loop's own forward pass of
-    the first ``examples_per_task`` examples of each validation loader's first batch: no extra pass.
+    The weights are read, through forward pre-hooks, off the validation loop's own forward pass of the first
+    ``examples_per_task`` examples of each task that validation meets (in batches of any tasks): no extra pass.
 
     Gates that do not learn: for a softmax gate (CGC-LoRA, MOELoRA), ``gate/max_from_uniform`` is the largest
     distance, over layers, tasks and the experts a task reaches, of a gate weight from the uniform 1/E. At a
@@ -199,7 +202,7 @@ class GateUsageMonitor(Callback):
 
     Args:
         enabled: turn the callback off.
-        examples_per_task: examples of each validation loader's first batch that count.
+        examples_per_task: examples of each task that count, the first that validation meets.
         plot: log the heatmap and the per-layer table.
         uniform_tolerance: distance from uniform under which a gate counts as not having learned.
         per_task_metrics: log each task's weights and entropy as metrics too, not only as the table.
@@ -223,6 +226,7 @@ class GateUsageMonitor(Callback):
         self.last: GateUsage | None = None
         self.stopwatch = Stopwatch()
         self._recorder: _Recorder | None = None
+        self._counted: list[int] = []  # examples of each task recorded at this validation
         self._no_gate = False
 
     def _active(self, trainer: Trainer) -> bool:
@@ -237,12 +241,20 @@ class GateUsageMonitor(Callback):
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if batch_idx != 0 or not self._active(trainer):
+        if not self._active(trainer) or (self._recorder is not None and min(self._counted) >= self.examples_per_task):
             return
         with self.stopwatch():
             if self._recorder is None:
                 self._recorder = _Recorder(pl_module.model, len(pl_module.layout.tasks)).__enter__()
-            self._recorder.expect(batch["attention_mask"], self.examples_per_task)
+                self._counted = [0] * len(pl_module.layout.tasks)
+            # each task's rows of this batch (host lists) up to its quota
+            keep = torch.zeros(batch["attention_mask"].shape[0], dtype=torch.bool)
+            for task, rows in batch["task_rows"].items():
+                take = rows[: max(0, self.examples_per_task - self._counted[task])]
+                keep[take] = True
+                self._counted[task] += len(take)
+            if keep.any():
+                self._recorder.expect(batch["attention_mask"], keep)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._recorder is None:
