@@ -35,3 +35,13 @@ def test_packing_benchmark_runs_fit_padded_and_packed(capsys):
     assert "tokens/s x padded" in out and set(result) == {"padded", "packed"}
     # tiny.yaml: 4 rows of 64 tokens hold more of its short examples than a padded batch's 4
     assert result["packed"]["examples_per_step"] > result["padded"]["examples_per_step"] == 4
+
+
+def test_eval_benchmark_times_mixed_and_per_task_batches_with_equal_scores(capsys):
+    from benchmarks import eval_speed
+
+    result = eval_speed.main(["--config", "experiments/tiny.yaml"])
+    out = capsys.readouterr().out
+    assert "per-task scores" in out and set(result) == {"mixed", "per_task"}
+    assert result["mixed"]["scores"] == result["per_task"]["scores"]
+    assert result["mixed"]["examples"] == result["per_task"]["examples"] == {"choice": 6, "text": 10}
