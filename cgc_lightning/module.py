@@ -129,9 +129,14 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             activation checkpointing, so no full-vocabulary logits of the batch are ever held
             (:mod:`cgc_lightning.loss`); per-task losses are the same. ``null`` runs the model's own head on
             every position (the plain path, also taken for heads the lean loss does not know).
-        gate_lr: learning rate of the gates and routers (``gate_*``, ``router_*`` tensors); ``null``: ``lr``.
-            Gates start uniform and get small gradients, so at the experts' rate they may stay an equal mix
-            (the gate-usage diagnostics warn, see ``gate_usage.uniform_tolerance``).
+        gate_lr: learning rate of the gates and routers (``gate_*``, ``router_*`` tensors); ``null``:
+            ``gate_lr_ratio * lr``.
+        gate_lr_ratio: the gates' and routers' learning rate as a multiple of ``lr``, when ``gate_lr`` is null.
+            Gates start uniform and get small gradients (every expert's output starts at zero), and AdamW
+            moves a logit by about its learning rate per step, so at the experts' rate (``1``) they stay near
+            an equal mix for hundreds of steps (the gate-usage diagnostics warn, see
+            ``gate_usage.uniform_tolerance``). The default, 10, comes from the measurement in
+            docs/results.md; ``1`` is the earlier behaviour.
         gate_weight_decay: AdamW weight decay of the gates and routers; ``null``: ``weight_decay``.
         log_val_examples: also log each validation's per-example results (``test`` always does;
             :mod:`cgc_lightning.examples`).
@@ -157,6 +162,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         compile: bool | dict = False,
         loss_chunk_size: int | None = 4096,
         gate_lr: float | None = None,
+        gate_lr_ratio: float = 10.0,
         gate_weight_decay: float | None = None,
         log_val_examples: bool = False,
     ):
@@ -172,7 +178,9 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got warmup_ratio={warmup_ratio}")
         if gate_lr is not None and not gate_lr > 0:
-            raise ValueError(f"gate_lr must be positive or null (= lr), got gate_lr={gate_lr}")
+            raise ValueError(f"gate_lr must be positive or null (= gate_lr_ratio * lr), got gate_lr={gate_lr}")
+        if not gate_lr_ratio > 0:
+            raise ValueError(f"gate_lr_ratio must be positive, got gate_lr_ratio={gate_lr_ratio}")
         if gate_weight_decay is not None and gate_weight_decay < 0:
             raise ValueError(f"gate_weight_decay must be >= 0 or null, got gate_weight_decay={gate_weight_decay}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
@@ -210,6 +218,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
                 "compile": compile if isinstance(compile, bool) else dict(compile),
                 "loss_chunk_size": loss_chunk_size,
                 "gate_lr": gate_lr,
+                "gate_lr_ratio": gate_lr_ratio,
                 "gate_weight_decay": gate_weight_decay,
                 "log_val_examples": log_val_examples,
             },
@@ -218,7 +227,8 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         self.model_spec, self.adapter_config = model, adapter
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_ratio, self.schedule, self.max_new_tokens = warmup_ratio, schedule, max_new_tokens
-        self.gate_lr, self.gate_weight_decay, self.log_val_examples = gate_lr, gate_weight_decay, log_val_examples
+        self.gate_lr = gate_lr if gate_lr is not None else gate_lr_ratio * lr
+        self.gate_weight_decay, self.log_val_examples = gate_weight_decay, log_val_examples
         self.examples = ExampleRecorder()
 
         self.model = load_model(model)
@@ -431,12 +441,12 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         gates = [p for n, p in trainable if n.rsplit(".", 1)[-1].startswith(GATE_PREFIXES)]
         experts = [p for n, p in trainable if not n.rsplit(".", 1)[-1].startswith(GATE_PREFIXES)]
         groups = [{"params": experts, "name": "experts"}] if experts else []
-        if gates:  # their own rate and decay (same as the experts' unless set)
+        if gates:  # their own rate (gate_lr, or gate_lr_ratio x lr) and decay (the experts' unless set)
             groups.append(
                 {
                     "params": gates,
                     "name": "gates",
-                    "lr": self.gate_lr if self.gate_lr is not None else self.lr,
+                    "lr": self.gate_lr,
                     "weight_decay": self.gate_weight_decay if self.gate_weight_decay is not None else self.weight_decay,
                 }
             )

@@ -45,9 +45,14 @@ def test_gates_and_routers_get_their_own_learning_rate_and_decay(method):
     assert groups["gates"]["params"] and all(ids[id(p)].startswith("lora_") for p in groups["experts"]["params"])
     assert groups["experts"]["initial_lr"] == 1e-3 and groups["experts"]["weight_decay"] == 0.01
     assert groups["gates"]["initial_lr"] == 5e-2 and groups["gates"]["weight_decay"] == 0
-    # unset: the gates train at the experts' rate and decay, as before
+    # unset: gate_lr_ratio (default 10) times the experts' rate, and the experts' decay
     default = {g["name"]: g for g in optimizer(module(adapter=AdapterConfig(method=method, r=2), lr=1e-3)).param_groups}
-    assert default["gates"]["initial_lr"] == default["experts"]["initial_lr"] == 1e-3
+    assert default["gates"]["initial_lr"] == pytest.approx(1e-2) and default["experts"]["initial_lr"] == 1e-3
+    # gate_lr_ratio: 1 is the earlier behaviour, the experts' rate; an explicit gate_lr wins over the ratio
+    old = module(adapter=AdapterConfig(method=method, r=2), lr=1e-3, gate_lr_ratio=1)
+    assert {g["name"]: g["initial_lr"] for g in optimizer(old).param_groups} == {"experts": 1e-3, "gates": 1e-3}
+    both = module(adapter=AdapterConfig(method=method, r=2), lr=1e-3, gate_lr=3e-3, gate_lr_ratio=100)
+    assert {g["name"]: g["initial_lr"] for g in optimizer(both).param_groups}["gates"] == 3e-3
 
 
 def test_methods_without_gates_have_one_group():
@@ -55,7 +60,9 @@ def test_methods_without_gates_have_one_group():
     assert [g["name"] for g in groups] == ["experts"]
 
 
-@pytest.mark.parametrize("kw", [{"gate_lr": 0.0}, {"gate_lr": -1.0}, {"gate_weight_decay": -0.1}])
+@pytest.mark.parametrize(
+    "kw", [{"gate_lr": 0.0}, {"gate_lr": -1.0}, {"gate_weight_decay": -0.1}, {"gate_lr_ratio": 0.0}]
+)
 def test_bad_gate_optimizer_values_are_refused_by_name(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         module(**kw)

@@ -160,6 +160,17 @@ def test_the_shipped_study_expands_to_every_method_and_seed_and_its_points_parse
     tasks = base["data"]["tasks"]
     assert len(tasks) >= 10 and len(base["data"]["clusters"]) >= 3
     assert {t.get("metric", "accuracy") for t in tasks} >= {"accuracy", "exact_match", "f1", "rouge_l", "bleu"}
+    assert base["trainer"]["max_steps"] >= 1000 and base["data"]["max_test_examples"] >= 300
     for p in points:
         parsed = _parse(["--config", base_path, *p.args])
         assert parsed.model.adapter.method == p.config["model"]["adapter"]["method"]
+
+
+def test_the_shipped_gate_rate_grid_sets_the_gates_rate_per_point():
+    from cgc_lightning import grid
+    from tests.test_grid import _parse
+
+    cfg, base, base_path = grid.load("experiments/studies/gate_lr.yaml")
+    points, _ = grid.expand(cfg, base)
+    ratios = [_parse(["--config", base_path, *p.args]).model.gate_lr_ratio for p in points]
+    assert sorted(ratios) == [1, 10, 100]
