@@ -128,18 +128,20 @@ def eval_kind(row: dict, task_metrics: list[str]) -> str:
 def eval_batches(rows: list[dict], task_metrics: list[str], batch_size: int, by_length: bool = True) -> list[dict]:
     """Evaluation batches of ``rows`` (of any tasks), each of one kind: ``[{"kind": ..., "rows": [...]}, ...]``.
 
-    Choice-scored examples come first, then generated ones. With ``by_length`` each kind is ordered longest
-    first (prompt, plus the longest choice for choice scoring), so a batch's rows are of about the same length
-    and little of it is padding, whatever their tasks; the longest batch comes first, so one that does not fit
-    in memory fails at once. Without it the rows keep their order.
+    Choice-scored examples come first, then generated ones. With ``by_length`` each kind is ordered so that a
+    batch's rows cost about the same, whatever their tasks: choice rows longest first (prompt plus longest
+    choice), generated rows by answer length, then prompt length, longest first, since a batch generates until
+    its last row has ended its line (the reference answer's length only orders the rows: each row's prediction
+    is the same in any batch). The longest batch comes first, so one that does not fit in memory fails at
+    once. Without ``by_length`` the rows keep their order.
     """
     batches = []
     for kind in ("choice", "text"):
         part = [r for r in rows if eval_kind(r, task_metrics) == kind]
-        if by_length:  # a choice is scored after its prompt: the longest choice counts too
-            part.sort(
-                key=lambda r: -len(r["prompt_ids"]) - max(map(len, r["choice_ids"] if kind == "choice" else [[]]))
-            )
+        if by_length and kind == "choice":  # a choice is scored after its prompt: the longest choice counts too
+            part.sort(key=lambda r: -len(r["prompt_ids"]) - max(map(len, r["choice_ids"])))
+        elif by_length:
+            part.sort(key=lambda r: (len(r["prompt_ids"]) - len(r["input_ids"]), -len(r["prompt_ids"])))
         batches += [{"kind": kind, "rows": part[i : i + batch_size]} for i in range(0, len(part), batch_size)]
     return batches
 

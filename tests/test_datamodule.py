@@ -235,7 +235,7 @@ def test_one_eval_loader_mixes_tasks_in_batches_of_one_kind_and_similar_length(t
     dm.setup("validate")
     (loader,) = dm.val_dataloader()
     counts = dm.example_counts()
-    seen, kinds, mixed = [], [], False
+    seen, kinds, mixed, answers = [], [], False, []
     for batch in loader:
         kinds.append(batch["kind"])
         tasks = batch["task_ids"].tolist()
@@ -244,11 +244,11 @@ def test_one_eval_loader_mixes_tasks_in_batches_of_one_kind_and_similar_length(t
         mixed |= len(batch["task_rows"]) > 1
         # plausible is the choice task: its batches carry choices, the generated ones do not
         assert ("choice_input_ids" in batch) == (batch["kind"] == "choice") == (set(tasks) == {0})
-        lengths = batch["prompt_mask"].sum(1).tolist()
         seen += [(t, e) for t, e in zip(tasks, batch["example_ids"], strict=True)]
-        if batch["kind"] == "text":
-            assert lengths == sorted(lengths, reverse=True), "longest first"
+        if batch["kind"] == "text":  # by answer length, longest first (a batch generates until its last row ends)
+            answers += (batch["labels"] != IGNORE).sum(1).tolist()
     assert kinds == sorted(kinds), "choice batches first, then generation"
+    assert answers == sorted(answers, reverse=True) and len(set(answers)) > 1
     assert mixed, "generation batches hold rows of both generation tasks"
     assert len(seen) == len(set(seen)) == sum(c["val"] for c in counts.values()), "each example exactly once"
 
