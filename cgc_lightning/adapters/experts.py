@@ -101,7 +101,7 @@ class StackedExperts(nn.Module):
             x: ``(B, T, d_in)``.
             index: ``(B, K)`` expert ids each sample sees, or ``None`` for all ``E`` experts (``K = E``).
             weight: ``(B, T, K)`` per token or ``(B, 1, K)`` per sample, or ``None`` for weight 1; with
-                ``rows``, a table ``(n, K)`` of which sample ``b`` uses row ``rows[b]``.
+                ``rows`` (and ``index=None``), a table ``(n, E)`` of which sample ``b`` uses row ``rows[b]``.
             rows: ``(B,)`` or ``None``, see ``weight``.
             scaling: ``s``.
             out: ``(B, T, d_out)`` to add the mixture to, or ``None``.
@@ -112,7 +112,7 @@ class StackedExperts(nn.Module):
         if index is None:
             return apply_mixture(DenseMixture, x, self.lora_A, self.lora_B, weight, rows, out, scaling)
         if rows is not None:
-            weight, rows = weight[rows].unsqueeze(1), None  # (B, 1, K)
+            raise ValueError("rows (the table row of each sample) go with index=None: a table over all E experts")
         if self.dense:
             weight = spread_weights(weight, index, self.num_experts, x.dtype)  # (B, T|1, E)
             return apply_mixture(DenseMixture, x, self.lora_A, self.lora_B, weight, None, out, scaling)
@@ -359,8 +359,9 @@ class Adapter(nn.Module):
 
         Returns:
             ``(weight, rows)``: ``weight (B, T|1, E)`` and ``rows = None``, or a table ``(n, E)`` and
-            ``rows (B,)``, the row each sample uses (a per-task gate: one softmax per task, not per
-            sample, and no indexing in the backward); ``weight = None`` means weight 1.
+            ``rows (B,)``, the row each sample uses (a constant per task or domain, such as MoDULA's
+            domain stage: no per-sample copy, and no indexing in the backward); ``weight = None`` means
+            weight 1.
         """
         index, weight = self.route(x, task_ids, cluster_ids)
         if index is not None:

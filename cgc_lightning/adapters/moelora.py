@@ -101,9 +101,6 @@ class MoELoRA(Adapter):
         task_ids = require_task_ids(task_ids, "moelora")
         return None, self.gate(task_ids).unsqueeze(1)  # all experts; weight (B, 1, E)
 
-    def route_dense(self, x, task_ids, cluster_ids):
-        return self.gate.table(), require_task_ids(task_ids, "moelora")  # (n_tasks, E): sample b uses row t(b)
-
     def route_table(self, x, task_ids, cluster_ids):
         task_ids = require_task_ids(task_ids, "moelora")
         logits = self.gate.logits()  # (n_tasks, E)
