@@ -151,60 +151,96 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
         return fn.apply(cast(x), cast(A), cast(B), cast(a), cast(b), cast(out), scaling)
 
 
+def mixture_forward(x, A, B, w, out, scaling: float):
+    """``out + s ((x A^T) * w) B``, the forward both mixture nodes share, and what their backward needs.
+
+    Args:
+        x: ``(B, T, d_in)``; A: ``(E, r, d_in)``; B: ``(E, r, d_out)``.
+        w: ``(B, T|1, E, 1)``, or ``None`` for weight 1.
+        out: ``(B, T, d_out)`` or ``None``.
+        scaling: ``s``, carried by the last product (``alpha``), so it costs no pass of its own.
+
+    Returns:
+        ``(y (B, T, d_out), z, u)`` with ``z = x A^T`` and ``u = z * w``, both ``(B*T, E*r)``.
+    """
+    n, T, d_in = x.shape
+    E, r, d_out = B.shape
+    z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
+    u = z if w is None else (z.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
+    B2 = B.view(E * r, d_out)
+    y = torch.mm(u, B2) * scaling if out is None else torch.addmm(out.reshape(n * T, d_out), u, B2, alpha=scaling)
+    return y.view(n, T, d_out), z, u
+
+
+def mixture_backward(grad, x, A, B, z, u, w, scaling: float, needs: tuple[bool, bool, bool, bool], per_token: bool):
+    """The backward of :func:`mixture_forward`, shared by both mixture nodes.
+
+    Args:
+        grad: ``(B, T, d_out)``, the gradient of ``y`` (and of ``out``, which is added as is).
+        x, A, B, z, u, w, scaling: as in (and from) :func:`mixture_forward`.
+        needs: whether ``x``, ``A``, ``B`` and ``w`` need a gradient.
+        per_token: ``w`` has a weight per token (``(B, T, E, 1)``); otherwise one per sample.
+
+    Returns:
+        ``(g_x, g_A, g_B, g_w)``, ``None`` where not needed; ``g_w: (B, T, E)`` per token, ``(B, 1, E)`` per sample.
+    """
+    n, T, d_in = x.shape
+    E, r, d_out = B.shape
+    need_x, need_A, need_B, need_w = needs
+    g = grad.reshape(n * T, d_out)
+    B2 = B.view(E * r, d_out)
+    # s * (g B^T) and s * (u^T g) as addmm with beta=0: the first argument only gives the shape
+    # (it is not read), and the scaling is free in the product.
+    g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=scaling)  # (B*T, E*r)
+    g_x = g_A = g_B = g_w = None
+    if need_B:
+        g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=scaling).view(E, r, d_out)
+    if need_w:
+        g_uz = g_u.view(n, T, E, r) * z.view(n, T, E, r)
+        g_w = g_uz.sum(3) if per_token else g_uz.sum((1, 3)).unsqueeze(1)  # (B, T|1, E)
+    if need_x or need_A:
+        g_z = g_u if w is None else (g_u.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
+        if need_A:
+            g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
+        if need_x:
+            g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
+    return g_x, g_A, g_B, g_w
+
+
 class DenseMixture(torch.autograd.Function):
     """``out + s * ((x A^T) * w) B`` over all ``E`` experts, forward and backward by hand, one autograd node.
 
     Shapes: ``x (B, T, d_in)``, ``A (E, r, d_in)``, ``B (E, r, d_out)``, ``w (B, T|1, E)`` or ``None``
     (weight 1) or, with ``rows (B,)``, a table ``(n, E)`` of per-sample rows; ``out (B, T, d_out)`` or
     ``None``. Kept for backward: ``x`` (which the frozen layer keeps anyway), ``z = x A^T`` and
-    ``u = z * w``, both ``(B*T, E*r)``, and the small weights. The scaling rides on the matrix
-    products (``alpha``), so it costs no pass of its own, forward or backward.
+    ``u = z * w``, both ``(B*T, E*r)``, and the small weights. The products are :func:`mixture_forward`
+    and :func:`mixture_backward`.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, w, rows, out, scaling: float):
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
-        z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
         ws = None
         if w is not None:
             ws = (w.index_select(0, rows).unsqueeze(1) if rows is not None else w).unsqueeze(-1)  # (B, T|1, E, 1)
-        u = z if ws is None else (z.view(n, T, E, r) * ws).view(n * T, E * r)  # (B*T, E*r)
-        B2 = B.view(E * r, d_out)
-        out2 = out.reshape(n * T, d_out) if out is not None else None
-        y = torch.mm(u, B2) * scaling if out2 is None else torch.addmm(out2, u, B2, alpha=scaling)  # out + s u B
+        y, z, u = mixture_forward(x, A, B, ws, out, scaling)
         ctx.save_for_backward(x, A, B, z, u, ws, rows)
         ctx.scaling, ctx.table_rows = scaling, None if rows is None else w.shape[0]
-        return y.view(n, T, d_out)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, A, B, z, u, ws, rows = ctx.saved_tensors
-        s = ctx.scaling
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
+        n, T, _ = x.shape
+        E = B.shape[0]
         need_x, need_A, need_B, need_w, _, need_out, _ = ctx.needs_input_grad
-        g = grad.reshape(n * T, d_out)
-        B2 = B.view(E * r, d_out)
-        # s * (g B^T) and s * (u^T g) as addmm with beta=0: the first argument only gives the shape
-        # (it is not read), and the scaling is free in the product.
-        g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=s)  # (B*T, E*r)
-        g_x = g_A = g_B = g_w = None
-        if need_B:
-            g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=s).view(E, r, d_out)
-        if need_w:
-            g_uz = g_u.view(n, T, E, r) * z.view(n, T, E, r)
-            g_w = g_uz.sum(3) if ws.shape[1] == T else g_uz.sum((1, 3)).unsqueeze(1)  # (B, T|1, E)
-            if rows is not None:  # back to the table's rows; a one-hot product, deterministic unlike index_add
-                one_hot = rows[:, None] == torch.arange(ctx.table_rows, device=rows.device)  # (B, n)
-                g_w = torch.mm(one_hot.to(g_w.dtype).t(), g_w.view(n, E))  # (n, E)
-        if need_x or need_A:
-            g_z = g_u if ws is None else (g_u.view(n, T, E, r) * ws).view(n * T, E * r)  # (B*T, E*r)
-            if need_A:
-                g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
-            if need_x:
-                g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
+        per_token = ws is not None and ws.shape[1] == T
+        g_x, g_A, g_B, g_w = mixture_backward(
+            grad, x, A, B, z, u, ws, ctx.scaling, (need_x, need_A, need_B, need_w), per_token
+        )
+        if need_w and rows is not None:  # back to the table's rows; a one-hot product, deterministic unlike index_add
+            one_hot = rows[:, None] == torch.arange(ctx.table_rows, device=rows.device)  # (B, n)
+            g_w = torch.mm(one_hot.to(g_w.dtype).t(), g_w.view(n, E))  # (n, E)
         return g_x, g_A, g_B, g_w, None, grad if need_out else None, None
 
 
@@ -220,43 +256,27 @@ class GatedMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, logits, spread, out, scaling: float):
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
+        n, E = x.shape[0], B.shape[0]
         p = torch.softmax(logits, dim=-1)  # (n_rows, k)
         w = torch.mv(spread, p.view(-1)).view(n, 1, E, 1)  # (B, 1, E, 1): 0 for the experts a sample does not see
-        z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
-        u = (z.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
-        B2 = B.view(E * r, d_out)
-        y = torch.mm(u, B2) * scaling if out is None else torch.addmm(out.reshape(n * T, d_out), u, B2, alpha=scaling)
+        y, z, u = mixture_forward(x, A, B, w, out, scaling)
         ctx.save_for_backward(x, A, B, z, u, p, w, spread)
         ctx.scaling = scaling
-        return y.view(n, T, d_out)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, A, B, z, u, p, w, spread = ctx.saved_tensors
-        s = ctx.scaling
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
         need_x, need_A, need_B, need_logits, _, need_out, _ = ctx.needs_input_grad
-        g = grad.reshape(n * T, d_out)
-        B2 = B.view(E * r, d_out)
-        g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=s)  # (B*T, E*r); see DenseMixture.backward
-        g_x = g_A = g_B = g_logits = None
-        if need_B:
-            g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=s).view(E, r, d_out)
+        g_x, g_A, g_B, g_w = mixture_backward(
+            grad, x, A, B, z, u, w, ctx.scaling, (need_x, need_A, need_B, need_logits), per_token=False
+        )
+        g_logits = None
         if need_logits:
-            g_w = (g_u.view(n, T, E, r) * z.view(n, T, E, r)).sum((1, 3))  # (B, E)
             g_p = torch.mv(spread.t(), g_w.view(-1).to(spread.dtype)).view(p.shape).to(p.dtype)  # (n_rows, k)
             # softmax's own backward kernel, p * (g_p - <g_p, p>) in one launch instead of four
             g_logits = torch._softmax_backward_data(g_p, p, -1, p.dtype)
-        if need_x or need_A:
-            g_z = (g_u.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
-            if need_A:
-                g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
-            if need_x:
-                g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
         return g_x, g_A, g_B, g_logits, None, grad if need_out else None, None
 
 
