@@ -152,16 +152,10 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
 
 
 def mixture_forward(x, A, B, w, out, scaling: float):
-    """``out + s ((x A^T) * w) B``, the forward both mixture nodes share, and what their backward needs.
+    """``out + s ((x A^T) * w) B``, the forward both mixture nodes share: ``(y (B, T, d_out), z, u)``.
 
-    Args:
-        x: ``(B, T, d_in)``; A: ``(E, r, d_in)``; B: ``(E, r, d_out)``.
-        w: ``(B, T|1, E, 1)``, or ``None`` for weight 1.
-        out: ``(B, T, d_out)`` or ``None``.
-        scaling: ``s``, carried by the last product (``alpha``), so it costs no pass of its own.
-
-    Returns:
-        ``(y (B, T, d_out), z, u)`` with ``z = x A^T`` and ``u = z * w``, both ``(B*T, E*r)``.
+    ``x (B, T, d_in)``, ``A (E, r, d_in)``, ``B (E, r, d_out)``, ``w (B, T|1, E, 1)`` or ``None`` (weight 1),
+    ``out (B, T, d_out)`` or ``None``; ``z = x A^T`` and ``u = z * w`` are ``(B*T, E*r)``, kept for backward.
     """
     n, T, d_in = x.shape
     E, r, d_out = B.shape
@@ -173,16 +167,10 @@ def mixture_forward(x, A, B, w, out, scaling: float):
 
 
 def mixture_backward(grad, x, A, B, z, u, w, scaling: float, needs: tuple[bool, bool, bool, bool], per_token: bool):
-    """The backward of :func:`mixture_forward`, shared by both mixture nodes.
+    """The backward of :func:`mixture_forward` from ``grad (B, T, d_out)``, shared by both mixture nodes.
 
-    Args:
-        grad: ``(B, T, d_out)``, the gradient of ``y`` (and of ``out``, which is added as is).
-        x, A, B, z, u, w, scaling: as in (and from) :func:`mixture_forward`.
-        needs: whether ``x``, ``A``, ``B`` and ``w`` need a gradient.
-        per_token: ``w`` has a weight per token (``(B, T, E, 1)``); otherwise one per sample.
-
-    Returns:
-        ``(g_x, g_A, g_B, g_w)``, ``None`` where not needed; ``g_w: (B, T, E)`` per token, ``(B, 1, E)`` per sample.
+    ``needs``: whether ``x``, ``A``, ``B`` and ``w`` need a gradient; ``per_token``: ``w`` is ``(B, T, E, 1)``.
+    Returns ``(g_x, g_A, g_B, g_w)``, ``None`` where not needed, ``g_w (B, T|1, E)`` shaped as ``w`` is.
     """
     n, T, d_in = x.shape
     E, r, d_out = B.shape
