@@ -210,16 +210,19 @@ def test_per_batch_routing_is_built_once_per_batch_and_follows_new_ids(kind):
     for layer in (first, second):
         randomize(layer, seed=11)
     x = torch.randn(4, 3, D_IN, **F64)
+    cache = {}  # the model's routing state holds it (RoutingState.batch_cache)
 
-    def routing(layer, tasks):
-        table = layer.route_table(x, tasks, None)
-        return table[1] if table is not None else layer.route_dense(x, tasks, None)[0]
+    def routing(layer, tasks, cache=cache):
+        table = layer.route_table(x, tasks, None, cache)
+        return table[1] if table is not None else layer.route_dense(x, tasks, None, cache)[0]
 
     tasks = torch.tensor([0, 1, 2, 3])
     built = routing(first, tasks)
     assert routing(second, tasks) is built  # the second layer reuses the first one's
+    assert routing(first, tasks, cache={}) is not built  # another model's cache: its own
+    assert routing(first, tasks, cache=None) is not built  # no cache: built every time
     assert routing(first, tasks.clone()) is not built  # equal ids in a new tensor: rebuilt (and equal)
     assert torch.equal(routing(first, tasks.clone()), built)
     tasks.copy_(torch.tensor([3, 3, 0, 1]))  # the same tensor, new ids written in place
     assert not torch.equal(routing(first, tasks), built)
-    assert_close(first(x, tasks, None), naive_forward(first, x, tasks), rtol=1e-12, atol=1e-12)
+    assert_close(first(x, tasks, None, cache=cache), naive_forward(first, x, tasks), rtol=1e-12, atol=1e-12)

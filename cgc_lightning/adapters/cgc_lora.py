@@ -141,13 +141,14 @@ class CGCLoRA(Adapter):
         task_ids = require_task_ids(task_ids, "cgc_lora")
         return self.visible[task_ids], self.gate_weights(x, task_ids)  # (B, S+P), (B, T|1, S+P)
 
-    def route_table(self, x, task_ids, cluster_ids):
+    def route_table(self, x, task_ids, cluster_ids, cache=None):
         if self.gate_input != "task":
             return None  # the token-reading gates differ per token: route_dense
         task_ids = require_task_ids(task_ids, "cgc_lora")
         G = self.task_gate.gate_logits  # (n_tasks, S+P)
         # (B*E, n_tasks*(S+P)): sample b gets row t(b) of softmax(G) on the experts task t(b) sees, 0 elsewhere
         spread = per_batch(
+            cache,
             task_ids,
             (*self._layout_key, G.dtype, G.device),
             lambda: task_spread(task_ids, self.visible, self.experts.num_experts, G.dtype),

@@ -287,27 +287,31 @@ def task_spread(task_ids: torch.Tensor, table: torch.Tensor, num_experts: int, d
     return spread.reshape(-1, n * k).to(dtype)
 
 
-#: One entry per key: (the task-id tensor it was built for, that tensor's version, the value).
-_PER_BATCH: dict[tuple, tuple[torch.Tensor, int, object]] = {}
+#: Per-batch constants of the task ids, one entry per key: (the id tensor it was built for, that tensor's
+#: version, the value). A model's routing state holds one (``RoutingState.batch_cache``) and replaces it
+#: with every batch it routes, so models never share one and nothing outlives its batch.
+BatchCache = dict[tuple, tuple[torch.Tensor, int, object]]
 
 
-def per_batch(task_ids: torch.Tensor, key: tuple, build):
+def per_batch(cache: BatchCache | None, task_ids: torch.Tensor, key: tuple, build):
     """``build()``, a constant of the batch's task ids, built once per batch and shared by every layer.
 
-    Every adapted layer of a model receives the same ``task_ids`` tensor for one batch (the routing
-    state's), so the first layer builds the value and the others reuse it: per-batch routing work is
-    done once per step, not once per layer. The entry is tied to that tensor object and its version
-    counter, so new ids (a new tensor, or the same one written in place) rebuild it. ``key`` names what
-    is built and everything it depends on besides the ids (layout, dtype, device). Not cached under
-    inference mode or while compiling, where tensors cannot be reused that way.
+    Every adapted layer of a model receives the same ``task_ids`` tensor for one batch and the same
+    ``cache`` (the routing state's), so the first layer builds the value and the others reuse it:
+    per-batch routing work is done once per step, not once per layer. The entry is tied to that tensor
+    object and its version counter, so new ids (a new tensor, or the same one written in place) rebuild
+    it. ``key`` names what is built and everything it depends on besides the ids (layout, dtype,
+    device). Without a cache (an adapter called on its own), under inference mode or while compiling,
+    where tensors cannot be reused that way, the value is built every time.
     """
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or task_ids.is_inference():
+    # is_compiling first: Dynamo cannot trace is_inference_mode_enabled (docs/benchmarks.md, third pass)
+    if torch.compiler.is_compiling() or cache is None or torch.is_inference_mode_enabled() or task_ids.is_inference():
         return build()
-    hit = _PER_BATCH.get(key)
+    hit = cache.get(key)
     if hit is not None and hit[0] is task_ids and hit[1] == task_ids._version:
         return hit[2]
     value = build()
-    _PER_BATCH[key] = (task_ids, task_ids._version, value)
+    cache[key] = (task_ids, task_ids._version, value)
     return value
 
 
@@ -362,8 +366,16 @@ class Adapter(nn.Module):
         """Return ``(index (B, K) | None, weight (B, T|1, K) | None)`` for the batch ``x: (B, T, d_in)``."""
         raise NotImplementedError
 
-    def route_dense(self, x: torch.Tensor, task_ids: torch.Tensor | None, cluster_ids: torch.Tensor | None):
+    def route_dense(
+        self,
+        x: torch.Tensor,
+        task_ids: torch.Tensor | None,
+        cluster_ids: torch.Tensor | None,
+        cache: BatchCache | None = None,
+    ):
         """:meth:`route` with the weights laid out over all ``E`` experts, for the dense path.
+
+        ``cache``: where constants of the batch's ids are kept for the other layers (:func:`per_batch`).
 
         Returns:
             ``(weight, rows)``: ``weight (B, T|1, E)`` and ``rows = None``, or a table ``(n, E)`` and
@@ -376,8 +388,16 @@ class Adapter(nn.Module):
             weight = spread_weights(weight, index, self.experts.num_experts, x.dtype)  # (B, T|1, E)
         return weight, None
 
-    def route_table(self, x: torch.Tensor, task_ids: torch.Tensor | None, cluster_ids: torch.Tensor | None):
+    def route_table(
+        self,
+        x: torch.Tensor,
+        task_ids: torch.Tensor | None,
+        cluster_ids: torch.Tensor | None,
+        cache: BatchCache | None = None,
+    ):
         """For a gate that is one softmax per task over a table of logits, the dense path's fastest form.
+
+        ``cache``: as for :meth:`route_dense`.
 
         Returns:
             ``None`` (the default: use :meth:`route_dense`), or ``(logits (n, k), spread (B*E, n*k))`` for
@@ -401,6 +421,8 @@ class Adapter(nn.Module):
         task_ids: torch.Tensor | None,
         cluster_ids: torch.Tensor | None,
         out: torch.Tensor | None = None,
+        *,
+        cache: BatchCache | None = None,
     ) -> torch.Tensor:
         """The update for a batch, or the frozen layer's output plus the update.
 
@@ -410,16 +432,17 @@ class Adapter(nn.Module):
             cluster_ids: ``(B,)`` or ``None``.
             out: ``(B, T, d_out)``, the frozen layer's output, or ``None``. Given, it is added inside
                 the last product instead of by a separate pass over the output.
+            cache: the model's per-batch constants of the ids (:func:`per_batch`), or ``None``.
 
         Returns:
             ``(B, T, d_out)``: the update, or ``out`` plus the update.
         """
         if self.experts.dense:
-            table = self.route_table(x, task_ids, cluster_ids)
+            table = self.route_table(x, task_ids, cluster_ids, cache)
             if table is not None:
                 A, B = self.experts.lora_A, self.experts.lora_B
                 return apply_mixture(GatedMixture, self.dropout(x), A, B, *table, out, self.scaling)
-            weight, rows = self.route_dense(x, task_ids, cluster_ids)
+            weight, rows = self.route_dense(x, task_ids, cluster_ids, cache)
             return self.experts(self.dropout(x), None, weight, rows=rows, scaling=self.scaling, out=out)
         index, weight = self.route(x, task_ids, cluster_ids)
         return self.experts(self.dropout(x), index, weight, scaling=self.scaling, out=out)
