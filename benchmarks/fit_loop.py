@@ -205,16 +205,28 @@ def run_bare(args, cli, cuda: bool) -> dict:
     return summarise(times, tokens, args.warmup, peak) | {"rank": rank}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on") -> argparse.Namespace:
+    """The options of a benchmark built on :func:`run_fit` (this one, ``benchmarks.packing``), checked.
+
+    Args:
+        argv: the command line, or ``None`` for ``sys.argv``.
+        description: the benchmark's ``--help`` text (its module docstring).
+        diagnostics: the default of ``--diagnostics``.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment config, as for `fit --config`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--diagnostics", choices=["on", "off"], default="on", help="the diagnostics callbacks")
+    p.add_argument("--diagnostics", choices=["on", "off"], default=diagnostics, help="the diagnostics callbacks")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv, __doc__)
     overrides = [f"--{kv}" for kv in args.set]
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:

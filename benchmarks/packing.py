@@ -13,26 +13,17 @@ median ms per step, non-pad tokens/s, examples per step, peak GPU memory, and pa
 
 from __future__ import annotations
 
-import argparse
 import gc
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.fit_loop import run_fit
+from benchmarks.fit_loop import parse_args, run_fit
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="experiment config, as for `fit --config`")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--diagnostics", choices=["on", "off"], default="off", help="the diagnostics callbacks")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    args = parse_args(argv, __doc__, diagnostics="off")
     cuda = torch.cuda.is_available()
     results, cli = {}, None
     for name, packing in (("padded", False), ("packed", True)):

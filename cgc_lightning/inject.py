@@ -90,12 +90,15 @@ class AdaptedLayer(nn.Module):
                 )
             x3, flat = x3.reshape(-1, 1, x3.shape[-1]), True  # (B*T, 1, d_in)
             task_ids, cluster_ids = self.routing.flat_ids
+        # the batch's routing constants, shared by every layer; a compiled graph builds its own (and is not
+        # guarded on a table that is new with every batch)
+        cache = None if torch.compiler.is_compiling() else self.routing.batch_cache
         if out.dtype != dtype:
-            delta = self.adapter(x3, task_ids, cluster_ids)  # (B, T, d_out)
+            delta = self.adapter(x3, task_ids, cluster_ids, cache=cache)  # (B, T, d_out)
             return out + delta.reshape(out.shape).to(out.dtype)
         # the usual case: the adapter adds its update inside its last product, no separate pass over `out`
         out3 = out.reshape(x3.shape[0], x3.shape[1], -1) if flat else out  # (B, T, d_out)
-        h = self.adapter(x3, task_ids, cluster_ids, out=out3)
+        h = self.adapter(x3, task_ids, cluster_ids, out=out3, cache=cache)
         return h.reshape(out.shape) if flat else h
 
     def _weight_update(self, task: int) -> torch.Tensor:

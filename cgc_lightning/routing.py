@@ -16,7 +16,9 @@ stay correct. Three cases need more than that:
   enabled (reentrant or not, offloaded or not).
 * ``generate()`` with beams or several return sequences repeats each sample along the batch axis
   (``repeat_interleave``); the ids are repeated the same way when a layer sees ``m * B`` rows.
-* Ids are moved to the model's device once per ``route`` call, not once per layer.
+* Ids are moved to the model's device once per ``route`` call, not once per layer, and what the layers
+  derive from them (a gate's 0/1 spread matrix, one-hot weights) is built by the first layer and kept
+  for the others in the state's ``batch_cache``, which each ``route`` call starts empty.
 """
 
 from __future__ import annotations
@@ -48,15 +50,18 @@ class RoutingState:
         self.cluster_ids: torch.Tensor | None = None  # the same shape
         # packed rows: the (B*T,) views every layer reads, one tensor object per batch so per-batch tables are shared
         self.flat_ids: tuple[torch.Tensor, torch.Tensor] | None = None
+        # constants of the batch's ids that every layer needs (adapters.experts.per_batch): built by the first
+        # layer, a new table with every batch route() sets, and this model's own
+        self.batch_cache: dict[tuple, tuple] = {}
         self.disabled = False
         self.merged_task: int | None = None  # set by inject.merge_task: the weights then serve that task only
         self.checkpointed_modules: list[nn.Module] = []
 
     def snapshot(self) -> tuple:
-        return self.task_ids, self.cluster_ids, self.disabled, self.flat_ids
+        return self.task_ids, self.cluster_ids, self.disabled, self.flat_ids, self.batch_cache
 
     def restore(self, snap: tuple) -> None:
-        self.task_ids, self.cluster_ids, self.disabled, self.flat_ids = snap
+        self.task_ids, self.cluster_ids, self.disabled, self.flat_ids, self.batch_cache = snap
 
     def clusters_of(self, tasks: torch.Tensor) -> torch.Tensor:
         """``(B,)`` cluster of each task id, on the ids' device.
@@ -201,6 +206,7 @@ def route(
     state.task_ids = tasks.to(device, non_blocking=True)
     state.cluster_ids = derived.to(device, non_blocking=True)
     state.flat_ids = (state.task_ids.reshape(-1), state.cluster_ids.reshape(-1)) if tasks.dim() == 2 else None
+    state.batch_cache = {}
     try:
         yield
     finally:

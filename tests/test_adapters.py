@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from cgc_lightning.adapters import CGCLoRA, IndependentLoRA, JointLoRA, MoELoRA
 from cgc_lightning.adapters.cgc_lora import expert_layout
 from tests.conftest import LAYOUT
+from tests.oracles import dense_task_table, dense_task_table_forward
 
 pytestmark = pytest.mark.usefixtures("expert_path")  # every test through both expert kernels
 
@@ -179,23 +180,23 @@ def test_rank_must_be_positive():
 
 
 @pytest.mark.parametrize("case", ["moelora", "moelora_split", "cgc_task", "cgc_S0", "cgc_P0"])
-def test_gate_table_path_equals_route_dense_path(case, monkeypatch):
-    """GatedMixture (gate inside the node, weights = spread @ softmax(table)) against route_dense + DenseMixture."""
+def test_gate_table_path_equals_dense_task_table(case):
+    """The forward (GatedMixture when dense: weights = spread @ softmax(logits)) against every task's gate
+    written out over all experts, row t(b) for sample b, through DenseMixture (tests/oracles.py)."""
     kind, kw = CASES[case]
     adapter = make(kind, **kw)
     randomize(adapter, seed=5)
     x = torch.randn(5, 6, D_IN, **F64, requires_grad=True)
     tasks = torch.tensor([3, 1, 2, 0, 1])
     logits, spread = adapter.route_table(x, tasks, None)
-    weight, rows = adapter.route_dense(x, tasks, None)  # a table (n_tasks, E) and the row of each sample
+    weight, rows = dense_task_table(adapter, tasks)  # a table (n_tasks, E) and the row of each sample
     E = adapter.experts.num_experts
     assert_close((spread @ torch.softmax(logits, -1).flatten()).view(5, E), weight[rows], rtol=0, atol=0)
     params = [x, *adapter.parameters()]
     upstream = torch.randn(5, 6, D_OUT, **F64)
     out_table = adapter(x, tasks, None)
     g_table = torch.autograd.grad((out_table * upstream).sum(), params)
-    monkeypatch.setattr(type(adapter), "route_table", lambda self, *a: None)
-    out_dense = adapter(x, tasks, None)
+    out_dense = dense_task_table_forward(adapter, x, tasks)
     g_dense = torch.autograd.grad((out_dense * upstream).sum(), params)
     assert_close(out_table, out_dense, rtol=1e-13, atol=1e-13)
     for a, b in zip(g_table, g_dense, strict=True):
@@ -209,16 +210,19 @@ def test_per_batch_routing_is_built_once_per_batch_and_follows_new_ids(kind):
     for layer in (first, second):
         randomize(layer, seed=11)
     x = torch.randn(4, 3, D_IN, **F64)
+    cache = {}  # the model's routing state holds it (RoutingState.batch_cache)
 
-    def routing(layer, tasks):
-        table = layer.route_table(x, tasks, None)
-        return table[1] if table is not None else layer.route_dense(x, tasks, None)[0]
+    def routing(layer, tasks, cache=cache):
+        table = layer.route_table(x, tasks, None, cache)
+        return table[1] if table is not None else layer.route_dense(x, tasks, None, cache)[0]
 
     tasks = torch.tensor([0, 1, 2, 3])
     built = routing(first, tasks)
     assert routing(second, tasks) is built  # the second layer reuses the first one's
+    assert routing(first, tasks, cache={}) is not built  # another model's cache: its own
+    assert routing(first, tasks, cache=None) is not built  # no cache: built every time
     assert routing(first, tasks.clone()) is not built  # equal ids in a new tensor: rebuilt (and equal)
     assert torch.equal(routing(first, tasks.clone()), built)
     tasks.copy_(torch.tensor([3, 3, 0, 1]))  # the same tensor, new ids written in place
     assert not torch.equal(routing(first, tasks), built)
-    assert_close(first(x, tasks, None), naive_forward(first, x, tasks), rtol=1e-12, atol=1e-12)
+    assert_close(first(x, tasks, None, cache=cache), naive_forward(first, x, tasks), rtol=1e-12, atol=1e-12)

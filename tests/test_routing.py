@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from cgc_lightning.config import AdapterConfig
-from cgc_lightning.inject import adapter_parameters, inject_adapters
-from cgc_lightning.routing import route
+from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adapters
+from cgc_lightning.routing import route, routing_state
 from tests.conftest import LAYOUT, VOCAB, randomize_adapters, tiny_model
 
 pytestmark = pytest.mark.usefixtures("expert_path")  # every test through both expert kernels
@@ -121,3 +121,40 @@ def test_rows_that_do_not_fit_the_task_ids():
     with pytest.raises(RuntimeError, match="got an input with 3 rows, but route\\(\\) was given 2 task ids"):
         with route(model, [0, 1]):
             model(batch(0, n=3))
+
+
+@pytest.mark.parametrize(
+    ("method", "module", "builder"),
+    [("cgc_lora", "cgc_lora", "task_spread"), ("moelora", "moelora", "task_spread"),
+     ("independent_lora", "lora", "spread_weights")],
+)  # fmt: skip
+def test_per_batch_tables_are_built_once_per_batch_and_never_shared_by_two_models(
+    method, module, builder, expert_path, monkeypatch
+):
+    """What every layer derives from the batch's ids is built by one layer, per batch and per model."""
+    if expert_path == "gathered":
+        pytest.skip("the gathered expert path builds no per-batch table")
+    import importlib
+
+    adapters = importlib.import_module(f"cgc_lightning.adapters.{module}")
+    builds = []
+    real = getattr(adapters, builder)
+    monkeypatch.setattr(adapters, builder, lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    first, second = make(method=method), make(method=method)
+    assert len(list(adapted_layers(first))) == 14  # 2 blocks x 7 projections, all reading one table
+    state_1, state_2 = routing_state(first), routing_state(second)
+    tasks, x = torch.tensor([0, 1, 2, 3]), batch(0)
+    with route(first, tasks), route(second, tasks):  # on the CPU both states hold this very ids tensor
+        first(x)
+        assert len(builds) == 1  # one build for all 14 layers
+        first(x)  # the same batch again (as a checkpointed layer's recompute would): reused
+        assert len(builds) == 1
+        second(x)
+        assert len(builds) == 2  # the second model builds its own, same ids or not
+        assert state_1.batch_cache and state_2.batch_cache and state_1.batch_cache is not state_2.batch_cache
+        ((key, (ids, _, value)),) = state_1.batch_cache.items()
+        assert ids is tasks and state_2.batch_cache[key][2] is not value
+    assert state_1.batch_cache == {} and state_2.batch_cache == {}  # nothing outlives its batch
+    with route(first, tasks):  # a new batch, even with the same ids tensor: built anew
+        first(x)
+    assert len(builds) == 3

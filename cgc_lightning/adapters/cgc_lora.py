@@ -141,23 +141,14 @@ class CGCLoRA(Adapter):
         task_ids = require_task_ids(task_ids, "cgc_lora")
         return self.visible[task_ids], self.gate_weights(x, task_ids)  # (B, S+P), (B, T|1, S+P)
 
-    def route_dense(self, x, task_ids, cluster_ids):
-        if self.gate_input != "task":
-            return super().route_dense(x, task_ids, cluster_ids)
-        task_ids = require_task_ids(task_ids, "cgc_lora")
-        # Every task's gate over all E experts at once: the logits of the experts a task does not see
-        # are -inf, so the softmax gives them exactly 0 and the others softmax(G_t). Sample b uses row t(b).
-        G = self.task_gate.gate_logits  # (n_tasks, S+P)
-        logits = G.new_full((G.shape[0], self.experts.num_experts), float("-inf")).scatter(1, self.visible, G)
-        return torch.softmax(logits, dim=-1), task_ids  # (n_tasks, E), (B,)
-
-    def route_table(self, x, task_ids, cluster_ids):
+    def route_table(self, x, task_ids, cluster_ids, cache=None):
         if self.gate_input != "task":
             return None  # the token-reading gates differ per token: route_dense
         task_ids = require_task_ids(task_ids, "cgc_lora")
         G = self.task_gate.gate_logits  # (n_tasks, S+P)
         # (B*E, n_tasks*(S+P)): sample b gets row t(b) of softmax(G) on the experts task t(b) sees, 0 elsewhere
         spread = per_batch(
+            cache,
             task_ids,
             (*self._layout_key, G.dtype, G.device),
             lambda: task_spread(task_ids, self.visible, self.experts.num_experts, G.dtype),

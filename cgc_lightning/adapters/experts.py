@@ -101,7 +101,7 @@ class StackedExperts(nn.Module):
             x: ``(B, T, d_in)``.
             index: ``(B, K)`` expert ids each sample sees, or ``None`` for all ``E`` experts (``K = E``).
             weight: ``(B, T, K)`` per token or ``(B, 1, K)`` per sample, or ``None`` for weight 1; with
-                ``rows``, a table ``(n, K)`` of which sample ``b`` uses row ``rows[b]``.
+                ``rows`` (and ``index=None``), a table ``(n, E)`` of which sample ``b`` uses row ``rows[b]``.
             rows: ``(B,)`` or ``None``, see ``weight``.
             scaling: ``s``.
             out: ``(B, T, d_out)`` to add the mixture to, or ``None``.
@@ -112,7 +112,7 @@ class StackedExperts(nn.Module):
         if index is None:
             return apply_mixture(DenseMixture, x, self.lora_A, self.lora_B, weight, rows, out, scaling)
         if rows is not None:
-            weight, rows = weight[rows].unsqueeze(1), None  # (B, 1, K)
+            raise ValueError("rows (the table row of each sample) go with index=None: a table over all E experts")
         if self.dense:
             weight = spread_weights(weight, index, self.num_experts, x.dtype)  # (B, T|1, E)
             return apply_mixture(DenseMixture, x, self.lora_A, self.lora_B, weight, None, out, scaling)
@@ -151,60 +151,84 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
         return fn.apply(cast(x), cast(A), cast(B), cast(a), cast(b), cast(out), scaling)
 
 
+def mixture_forward(x, A, B, w, out, scaling: float):
+    """``out + s ((x A^T) * w) B``, the forward both mixture nodes share: ``(y (B, T, d_out), z, u)``.
+
+    ``x (B, T, d_in)``, ``A (E, r, d_in)``, ``B (E, r, d_out)``, ``w (B, T|1, E, 1)`` or ``None`` (weight 1),
+    ``out (B, T, d_out)`` or ``None``; ``z = x A^T`` and ``u = z * w`` are ``(B*T, E*r)``, kept for backward.
+    """
+    n, T, d_in = x.shape
+    E, r, d_out = B.shape
+    z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
+    u = z if w is None else (z.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
+    B2 = B.view(E * r, d_out)
+    y = torch.mm(u, B2) * scaling if out is None else torch.addmm(out.reshape(n * T, d_out), u, B2, alpha=scaling)
+    return y.view(n, T, d_out), z, u
+
+
+def mixture_backward(grad, x, A, B, z, u, w, scaling: float, needs: tuple[bool, bool, bool, bool], per_token: bool):
+    """The backward of :func:`mixture_forward` from ``grad (B, T, d_out)``, shared by both mixture nodes.
+
+    ``needs``: whether ``x``, ``A``, ``B`` and ``w`` need a gradient; ``per_token``: ``w`` is ``(B, T, E, 1)``.
+    Returns ``(g_x, g_A, g_B, g_w)``, ``None`` where not needed, ``g_w (B, T|1, E)`` shaped as ``w`` is.
+    """
+    n, T, d_in = x.shape
+    E, r, d_out = B.shape
+    need_x, need_A, need_B, need_w = needs
+    g = grad.reshape(n * T, d_out)
+    B2 = B.view(E * r, d_out)
+    # s * (g B^T) and s * (u^T g) as addmm with beta=0: the first argument only gives the shape
+    # (it is not read), and the scaling is free in the product.
+    g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=scaling)  # (B*T, E*r)
+    g_x = g_A = g_B = g_w = None
+    if need_B:
+        g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=scaling).view(E, r, d_out)
+    if need_w:
+        g_uz = g_u.view(n, T, E, r) * z.view(n, T, E, r)
+        g_w = g_uz.sum(3) if per_token else g_uz.sum((1, 3)).unsqueeze(1)  # (B, T|1, E)
+    if need_x or need_A:
+        g_z = g_u if w is None else (g_u.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
+        if need_A:
+            g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
+        if need_x:
+            g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
+    return g_x, g_A, g_B, g_w
+
+
 class DenseMixture(torch.autograd.Function):
     """``out + s * ((x A^T) * w) B`` over all ``E`` experts, forward and backward by hand, one autograd node.
 
     Shapes: ``x (B, T, d_in)``, ``A (E, r, d_in)``, ``B (E, r, d_out)``, ``w (B, T|1, E)`` or ``None``
     (weight 1) or, with ``rows (B,)``, a table ``(n, E)`` of per-sample rows; ``out (B, T, d_out)`` or
     ``None``. Kept for backward: ``x`` (which the frozen layer keeps anyway), ``z = x A^T`` and
-    ``u = z * w``, both ``(B*T, E*r)``, and the small weights. The scaling rides on the matrix
-    products (``alpha``), so it costs no pass of its own, forward or backward.
+    ``u = z * w``, both ``(B*T, E*r)``, and the small weights. The products are :func:`mixture_forward`
+    and :func:`mixture_backward`.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, w, rows, out, scaling: float):
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
-        z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
         ws = None
         if w is not None:
             ws = (w.index_select(0, rows).unsqueeze(1) if rows is not None else w).unsqueeze(-1)  # (B, T|1, E, 1)
-        u = z if ws is None else (z.view(n, T, E, r) * ws).view(n * T, E * r)  # (B*T, E*r)
-        B2 = B.view(E * r, d_out)
-        out2 = out.reshape(n * T, d_out) if out is not None else None
-        y = torch.mm(u, B2) * scaling if out2 is None else torch.addmm(out2, u, B2, alpha=scaling)  # out + s u B
+        y, z, u = mixture_forward(x, A, B, ws, out, scaling)
         ctx.save_for_backward(x, A, B, z, u, ws, rows)
         ctx.scaling, ctx.table_rows = scaling, None if rows is None else w.shape[0]
-        return y.view(n, T, d_out)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, A, B, z, u, ws, rows = ctx.saved_tensors
-        s = ctx.scaling
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
+        n, T, _ = x.shape
+        E = B.shape[0]
         need_x, need_A, need_B, need_w, _, need_out, _ = ctx.needs_input_grad
-        g = grad.reshape(n * T, d_out)
-        B2 = B.view(E * r, d_out)
-        # s * (g B^T) and s * (u^T g) as addmm with beta=0: the first argument only gives the shape
-        # (it is not read), and the scaling is free in the product.
-        g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=s)  # (B*T, E*r)
-        g_x = g_A = g_B = g_w = None
-        if need_B:
-            g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=s).view(E, r, d_out)
-        if need_w:
-            g_uz = g_u.view(n, T, E, r) * z.view(n, T, E, r)
-            g_w = g_uz.sum(3) if ws.shape[1] == T else g_uz.sum((1, 3)).unsqueeze(1)  # (B, T|1, E)
-            if rows is not None:  # back to the table's rows; a one-hot product, deterministic unlike index_add
-                one_hot = rows[:, None] == torch.arange(ctx.table_rows, device=rows.device)  # (B, n)
-                g_w = torch.mm(one_hot.to(g_w.dtype).t(), g_w.view(n, E))  # (n, E)
-        if need_x or need_A:
-            g_z = g_u if ws is None else (g_u.view(n, T, E, r) * ws).view(n * T, E * r)  # (B*T, E*r)
-            if need_A:
-                g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
-            if need_x:
-                g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
+        per_token = ws is not None and ws.shape[1] == T
+        g_x, g_A, g_B, g_w = mixture_backward(
+            grad, x, A, B, z, u, ws, ctx.scaling, (need_x, need_A, need_B, need_w), per_token
+        )
+        if need_w and rows is not None:  # back to the table's rows; a one-hot product, deterministic unlike index_add
+            one_hot = rows[:, None] == torch.arange(ctx.table_rows, device=rows.device)  # (B, n)
+            g_w = torch.mm(one_hot.to(g_w.dtype).t(), g_w.view(n, E))  # (n, E)
         return g_x, g_A, g_B, g_w, None, grad if need_out else None, None
 
 
@@ -220,43 +244,27 @@ class GatedMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, logits, spread, out, scaling: float):
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
+        n, E = x.shape[0], B.shape[0]
         p = torch.softmax(logits, dim=-1)  # (n_rows, k)
         w = torch.mv(spread, p.view(-1)).view(n, 1, E, 1)  # (B, 1, E, 1): 0 for the experts a sample does not see
-        z = torch.mm(x.reshape(n * T, d_in), A.view(E * r, d_in).t())  # (B*T, E*r)
-        u = (z.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
-        B2 = B.view(E * r, d_out)
-        y = torch.mm(u, B2) * scaling if out is None else torch.addmm(out.reshape(n * T, d_out), u, B2, alpha=scaling)
+        y, z, u = mixture_forward(x, A, B, w, out, scaling)
         ctx.save_for_backward(x, A, B, z, u, p, w, spread)
         ctx.scaling = scaling
-        return y.view(n, T, d_out)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, A, B, z, u, p, w, spread = ctx.saved_tensors
-        s = ctx.scaling
-        n, T, d_in = x.shape
-        E, r, d_out = B.shape
         need_x, need_A, need_B, need_logits, _, need_out, _ = ctx.needs_input_grad
-        g = grad.reshape(n * T, d_out)
-        B2 = B.view(E * r, d_out)
-        g_u = torch.addmm(u, g, B2.t(), beta=0, alpha=s)  # (B*T, E*r); see DenseMixture.backward
-        g_x = g_A = g_B = g_logits = None
-        if need_B:
-            g_B = torch.addmm(B2, u.t(), g, beta=0, alpha=s).view(E, r, d_out)
+        g_x, g_A, g_B, g_w = mixture_backward(
+            grad, x, A, B, z, u, w, ctx.scaling, (need_x, need_A, need_B, need_logits), per_token=False
+        )
+        g_logits = None
         if need_logits:
-            g_w = (g_u.view(n, T, E, r) * z.view(n, T, E, r)).sum((1, 3))  # (B, E)
             g_p = torch.mv(spread.t(), g_w.view(-1).to(spread.dtype)).view(p.shape).to(p.dtype)  # (n_rows, k)
             # softmax's own backward kernel, p * (g_p - <g_p, p>) in one launch instead of four
             g_logits = torch._softmax_backward_data(g_p, p, -1, p.dtype)
-        if need_x or need_A:
-            g_z = (g_u.view(n, T, E, r) * w).view(n * T, E * r)  # (B*T, E*r)
-            if need_A:
-                g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
-            if need_x:
-                g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
         return g_x, g_A, g_B, g_logits, None, grad if need_out else None, None
 
 
@@ -279,27 +287,31 @@ def task_spread(task_ids: torch.Tensor, table: torch.Tensor, num_experts: int, d
     return spread.reshape(-1, n * k).to(dtype)
 
 
-#: One entry per key: (the task-id tensor it was built for, that tensor's version, the value).
-_PER_BATCH: dict[tuple, tuple[torch.Tensor, int, object]] = {}
+#: Per-batch constants of the task ids, one entry per key: (the id tensor it was built for, that tensor's
+#: version, the value). A model's routing state holds one (``RoutingState.batch_cache``) and replaces it
+#: with every batch it routes, so models never share one and nothing outlives its batch.
+BatchCache = dict[tuple, tuple[torch.Tensor, int, object]]
 
 
-def per_batch(task_ids: torch.Tensor, key: tuple, build):
+def per_batch(cache: BatchCache | None, task_ids: torch.Tensor, key: tuple, build):
     """``build()``, a constant of the batch's task ids, built once per batch and shared by every layer.
 
-    Every adapted layer of a model receives the same ``task_ids`` tensor for one batch (the routing
-    state's), so the first layer builds the value and the others reuse it: per-batch routing work is
-    done once per step, not once per layer. The entry is tied to that tensor object and its version
-    counter, so new ids (a new tensor, or the same one written in place) rebuild it. ``key`` names what
-    is built and everything it depends on besides the ids (layout, dtype, device). Not cached under
-    inference mode or while compiling, where tensors cannot be reused that way.
+    Every adapted layer of a model receives the same ``task_ids`` tensor for one batch and the same
+    ``cache`` (the routing state's), so the first layer builds the value and the others reuse it:
+    per-batch routing work is done once per step, not once per layer. The entry is tied to that tensor
+    object and its version counter, so new ids (a new tensor, or the same one written in place) rebuild
+    it. ``key`` names what is built and everything it depends on besides the ids (layout, dtype,
+    device). Without a cache (an adapter called on its own), under inference mode or while compiling,
+    where tensors cannot be reused that way, the value is built every time.
     """
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or task_ids.is_inference():
+    # is_compiling first: Dynamo cannot trace is_inference_mode_enabled (docs/benchmarks.md, third pass)
+    if torch.compiler.is_compiling() or cache is None or torch.is_inference_mode_enabled() or task_ids.is_inference():
         return build()
-    hit = _PER_BATCH.get(key)
+    hit = cache.get(key)
     if hit is not None and hit[0] is task_ids and hit[1] == task_ids._version:
         return hit[2]
     value = build()
-    _PER_BATCH[key] = (task_ids, task_ids._version, value)
+    cache[key] = (task_ids, task_ids._version, value)
     return value
 
 
@@ -354,21 +366,38 @@ class Adapter(nn.Module):
         """Return ``(index (B, K) | None, weight (B, T|1, K) | None)`` for the batch ``x: (B, T, d_in)``."""
         raise NotImplementedError
 
-    def route_dense(self, x: torch.Tensor, task_ids: torch.Tensor | None, cluster_ids: torch.Tensor | None):
+    def route_dense(
+        self,
+        x: torch.Tensor,
+        task_ids: torch.Tensor | None,
+        cluster_ids: torch.Tensor | None,
+        cache: BatchCache | None = None,
+    ):
         """:meth:`route` with the weights laid out over all ``E`` experts, for the dense path.
+
+        ``cache``: where constants of the batch's ids are kept for the other layers (:func:`per_batch`).
 
         Returns:
             ``(weight, rows)``: ``weight (B, T|1, E)`` and ``rows = None``, or a table ``(n, E)`` and
-            ``rows (B,)``, the row each sample uses (a per-task gate: one softmax per task, not per
-            sample, and no indexing in the backward); ``weight = None`` means weight 1.
+            ``rows (B,)``, the row each sample uses (a constant per task or domain, such as MoDULA's
+            domain stage: no per-sample copy, and no indexing in the backward); ``weight = None`` means
+            weight 1.
         """
         index, weight = self.route(x, task_ids, cluster_ids)
         if index is not None:
             weight = spread_weights(weight, index, self.experts.num_experts, x.dtype)  # (B, T|1, E)
         return weight, None
 
-    def route_table(self, x: torch.Tensor, task_ids: torch.Tensor | None, cluster_ids: torch.Tensor | None):
+    def route_table(
+        self,
+        x: torch.Tensor,
+        task_ids: torch.Tensor | None,
+        cluster_ids: torch.Tensor | None,
+        cache: BatchCache | None = None,
+    ):
         """For a gate that is one softmax per task over a table of logits, the dense path's fastest form.
+
+        ``cache``: as for :meth:`route_dense`.
 
         Returns:
             ``None`` (the default: use :meth:`route_dense`), or ``(logits (n, k), spread (B*E, n*k))`` for
@@ -392,6 +421,8 @@ class Adapter(nn.Module):
         task_ids: torch.Tensor | None,
         cluster_ids: torch.Tensor | None,
         out: torch.Tensor | None = None,
+        *,
+        cache: BatchCache | None = None,
     ) -> torch.Tensor:
         """The update for a batch, or the frozen layer's output plus the update.
 
@@ -401,16 +432,17 @@ class Adapter(nn.Module):
             cluster_ids: ``(B,)`` or ``None``.
             out: ``(B, T, d_out)``, the frozen layer's output, or ``None``. Given, it is added inside
                 the last product instead of by a separate pass over the output.
+            cache: the model's per-batch constants of the ids (:func:`per_batch`), or ``None``.
 
         Returns:
             ``(B, T, d_out)``: the update, or ``out`` plus the update.
         """
         if self.experts.dense:
-            table = self.route_table(x, task_ids, cluster_ids)
+            table = self.route_table(x, task_ids, cluster_ids, cache)
             if table is not None:
                 A, B = self.experts.lora_A, self.experts.lora_B
                 return apply_mixture(GatedMixture, self.dropout(x), A, B, *table, out, self.scaling)
-            weight, rows = self.route_dense(x, task_ids, cluster_ids)
+            weight, rows = self.route_dense(x, task_ids, cluster_ids, cache)
             return self.experts(self.dropout(x), None, weight, rows=rows, scaling=self.scaling, out=out)
         index, weight = self.route(x, task_ids, cluster_ids)
         return self.experts(self.dropout(x), index, weight, scaling=self.scaling, out=out)

@@ -96,11 +96,12 @@ class IndependentLoRA(Adapter):
         task_ids = require_task_ids(task_ids, "independent_lora")
         return task_ids[:, None], None  # (B, 1): each sample sees its own task's pair
 
-    def route_dense(self, x, task_ids, cluster_ids):
+    def route_dense(self, x, task_ids, cluster_ids, cache=None):
         task_ids = require_task_ids(task_ids, "independent_lora")
         E = self.experts.num_experts
         # one-hot (B, 1, E), a constant of the batch: built by the first layer, reused by the others
         weight = per_batch(
+            cache,
             task_ids,
             ("independent_lora", E, x.dtype, x.device),
             lambda: spread_weights(None, task_ids[:, None], E, x.dtype),

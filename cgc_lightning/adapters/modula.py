@@ -258,19 +258,19 @@ class MoDULA(Adapter):
             return self._domain_index(cluster_ids), None  # (B, u+1) for Res, (B, 1) for Flan; weight 1
         return None, self.router_weights(x)  # all experts, (B, T, E)
 
-    def route_dense(self, x, task_ids, cluster_ids):
+    def route_dense(self, x, task_ids, cluster_ids, cache=None):
         if self.stage == "domain":
             self._domain_index(cluster_ids)  # the same error without ids
             return self.domain_table, cluster_ids  # (n, E): sample b uses row c(b)
-        return super().route_dense(x, task_ids, cluster_ids)
+        return super().route_dense(x, task_ids, cluster_ids, cache)
 
-    def forward(self, x, task_ids, cluster_ids, out=None):
+    def forward(self, x, task_ids, cluster_ids, out=None, *, cache=None):
         if self.stage == "universal":
             # U alone: the domain experts are not in this stage's function, so they are not computed
             u = self.num_universal
             A, B = self.experts.lora_A[:u], self.experts.lora_B[:u]  # (u, r, d_in), (u, r, d_out)
             return apply_mixture(DenseMixture, self.dropout(x), A, B, None, None, out, self.scaling)
-        return super().forward(x, task_ids, cluster_ids, out)
+        return super().forward(x, task_ids, cluster_ids, out, cache=cache)
 
     def task_route(self, task):
         if self.stage not in CONSTANT_STAGES:

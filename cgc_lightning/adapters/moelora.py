@@ -101,10 +101,7 @@ class MoELoRA(Adapter):
         task_ids = require_task_ids(task_ids, "moelora")
         return None, self.gate(task_ids).unsqueeze(1)  # all experts; weight (B, 1, E)
 
-    def route_dense(self, x, task_ids, cluster_ids):
-        return self.gate.table(), require_task_ids(task_ids, "moelora")  # (n_tasks, E): sample b uses row t(b)
-
-    def route_table(self, x, task_ids, cluster_ids):
+    def route_table(self, x, task_ids, cluster_ids, cache=None):
         task_ids = require_task_ids(task_ids, "moelora")
         logits = self.gate.logits()  # (n_tasks, E)
         n, E = logits.shape
@@ -113,7 +110,7 @@ class MoELoRA(Adapter):
             every_expert = torch.arange(E, device=task_ids.device).expand(n, E)
             return task_spread(task_ids, every_expert, E, logits.dtype)
 
-        return logits, per_batch(task_ids, ("moelora", n, E, logits.dtype, logits.device), build)
+        return logits, per_batch(cache, task_ids, ("moelora", n, E, logits.dtype, logits.device), build)
 
     def task_route(self, task):
         ids = torch.tensor([task], device=self.experts.lora_A.device)
