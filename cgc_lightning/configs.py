@@ -124,21 +124,6 @@ def resolve(base: dict, overrides: dict[str, Any], where: str = "grid") -> dict:
     return config
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    """A copy of ``base`` with ``extra`` merged in: nested dicts key by key, anything else replaced."""
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def section(config: dict, key: str) -> dict:
-    """``config[key]`` (created if missing), or its ``init_args`` when it is written as ``class_path``/``init_args``."""
-    value = config.get(key) or {}
-    config[key] = value
-    return value.setdefault("init_args", {}) if "class_path" in value else value
-
-
 def read_base(base: str | dict, config_path: Path) -> dict:
     """The experiment config a tool config names: inline, or a path relative to the working directory or to
     the tool config's own folder."""

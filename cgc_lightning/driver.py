@@ -150,7 +150,6 @@ def fit_and_test(
         test: test the best checkpoint after the fit.
         on_step: told ``fit``, ``fit_done``, ``test`` and ``done`` as the run gets there (the grid tags its run).
     """
-    from cgc_lightning import cli
     from cgc_lightning.tracking import mlflow_logger
 
     step = on_step or (lambda _: None)
@@ -183,9 +182,16 @@ def fit_and_test(
         raise RuntimeError(f"{what}: fit wrote no checkpoint under {where}; does validation run before max_steps?")
     if test:
         step("test")
-        cli.main(["test", *args, "--ckpt_path", best, f"--trainer.logger.init_args.run_id={run_id}"])
+        test_checkpoint(args, best, run_id)
     step("done")
     return Result(run_id, best, last, trainer)
+
+
+def test_checkpoint(args: list[str], checkpoint: str, run_id: str) -> None:
+    """``test`` of ``checkpoint`` with ``args`` (as the fit's), logged into the fit's run."""
+    from cgc_lightning import cli
+
+    cli.main(["test", *args, "--ckpt_path", checkpoint, f"--trainer.logger.init_args.run_id={run_id}"])
 
 
 def _checkpoints(trainer: Any, folder: Path | None) -> tuple[str, str]:
