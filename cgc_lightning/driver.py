@@ -110,11 +110,6 @@ class Result:
     """The ``fit``'s trainer (its callbacks hold what the fit measured); ``None`` when only tested, or chained."""
 
 
-def checkpoint_in(folder: Path) -> Path | None:
-    """``best.ckpt``, else ``last.ckpt``, of a run's checkpoint folder (a truncated file counts as none)."""
-    return chain.best_checkpoint(folder)
-
-
 def fit(args: list[str], what: str) -> Any:
     """``fit`` with ``args`` in this process; its trainer. Raises when the fit was interrupted (Ctrl-C, SIGTERM)."""
     from cgc_lightning import cli
@@ -197,7 +192,7 @@ def test_checkpoint(args: list[str], checkpoint: str, run_id: str) -> None:
 def _checkpoints(trainer: Any, folder: Path | None) -> tuple[str, str]:
     """``(best, last)``: from the fit's checkpoint callbacks, or (no trainer at hand) from the run's folder."""
     if trainer is None:
-        best = checkpoint_in(folder) if folder is not None else None
+        best = chain.best_checkpoint(folder) if folder is not None else None
         last = folder / "last.ckpt" if folder is not None and zipfile.is_zipfile(folder / "last.ckpt") else None
         return str(best or ""), str(last or "")
     # the callback that monitors a metric (others may only save `last.ckpt` for resuming)
