@@ -3,11 +3,12 @@ r"""Train the same tasks, data split and seed with several methods and report tr
     python -m cgc_lightning compare --config experiments/compare/exp.yaml
     python -m cgc_lightning compare --from-runs --experiment <name> --parent <parent run id>
 
-Each method is one MLflow child run (``fit``, then ``test`` of its best checkpoint, in a fresh process)
-nested under one parent run, all with the same metric names, so MLflow's "compare runs" draws every
-method's per-task curves on one chart. On the parent go ``comparison.csv``, ``comparison.md`` and
-``delta_m.png``, and the metrics ``delta_m/<method>``, ``negative_transfer/<method>`` and
-``rel/<method>/<task>``. With s_t = -1 for a lower-is-better metric (``metrics.LOWER_IS_BETTER``), +1 otherwise:
+A comparison is a grid over one axis, the method: each method is one MLflow child run (``fit``, then ``test`` of
+its best checkpoint, in a fresh process: :mod:`cgc_lightning.driver`) nested under one parent run, all with the
+same metric names, so MLflow's "compare runs" draws every method's per-task curves on one chart. On the parent go
+``comparison.csv``, ``comparison.md`` and ``delta_m.png``, and the metrics ``delta_m/<method>``,
+``negative_transfer/<method>`` and ``rel/<method>/<task>``. With s_t = -1 for a lower-is-better metric
+(``metrics.LOWER_IS_BETTER``), +1 otherwise:
 
     rel_{m,t} = s_t (M_{m,t} - M_{ref,t}) / |M_{ref,t}|     (M_{ref,t} = 0: s_t (M_{m,t} - M_{ref,t}), flagged)
     Δm_m      = mean_t rel_{m,t}                            (reported in percent)
@@ -16,23 +17,23 @@ method's per-task curves on one chart. On the parent go ``comparison.csv``, ``co
 The compare config (YAML)::
 
     base: experiments/exp.yaml      # an experiment config (path, relative to the working directory), or inline
-    methods:                        # method names, or {name: ..., <adapter field>: ...} for variants
+    methods:                        # method names, or {name: ..., <adapter field or dotted key>: ...} for variants
       - cgc_lora
       - independent_lora
       - {name: cgc_token_gate, method: cgc_lora, gate_input: token}
+      - {name: cgc_lr, method: cgc_lora, model.lr: 1.0e-3}      # a dotted key sets any config value
     reference: independent_lora     # a name from methods
     experiment_name: my-compare     # MLflow experiment; default: the base config's
     metric: primary                 # each task's own metric, or `loss` (lower is better)
-    overrides: {trainer: {max_steps: 100}}   # merged into the base for every method
+    overrides: {trainer.max_steps: 100}   # dotted keys, as on the command line; set for every method
+
+The nested form of earlier configs (``overrides: {trainer: {max_steps: 100}}``) is still read, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Literal
 
 import yaml
 
-from cgc_lightning import chain
+from cgc_lightning import chain, driver
 from cgc_lightning.compare_report import (  # noqa: F401  (the report's names, importable from here as before)
     METHOD_TAG,
     PARENT_TAG,
@@ -59,9 +60,10 @@ from cgc_lightning.compare_report import (  # noqa: F401  (the report's names, i
     write_files,
 )
 from cgc_lightning.config import AdapterConfig
-from cgc_lightning.configs import deep_merge, read_base, read_tool_config, section
+from cgc_lightning.configs import dotted, get_key, read_base, read_tool_config, resolve, set_key
+from cgc_lightning.driver import run_logged  # noqa: F401  (importable from here as before)
 
-MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger", "lightning.pytorch.loggers.MLFlowLogger")
+ADAPTER_KEY = "model.adapter"
 
 
 @dataclass
@@ -71,7 +73,8 @@ class CompareConfig:
     base: str | dict
     """An experiment config (same format as ``experiments/*.yaml``): a path, or the config inline."""
     methods: list[str | dict]
-    """Method names, or dicts ``{name: <run name>, <AdapterConfig field>: value, ...}`` of adapter overrides."""
+    """Method names, or dicts ``{name: <run name>, <AdapterConfig field>: value, <dotted key>: value, ...}``: an
+    undotted key is a field of ``model.adapter``, a dotted one any config key (as in ``overrides``)."""
     reference: str = "independent_lora"
     """The method (a name from ``methods``) every relative change is measured against."""
     experiment_name: str | None = None
@@ -79,9 +82,12 @@ class CompareConfig:
     metric: Literal["primary", "loss"] = "primary"
     """Compare each task's own metric (``test/<task>/<metric>``) or its loss (``test/<task>/loss``)."""
     overrides: dict = field(default_factory=dict)
-    """Merged into the base config for every method (e.g. ``{trainer: {max_steps: 100}}``)."""
+    """``{dotted key: value}`` set in the base config for every method (e.g. ``{trainer.max_steps: 100}``)."""
 
     def __post_init__(self):
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"compare config: `overrides` must be a mapping, got {type(self.overrides).__name__}")
+        self.overrides = dotted(self.overrides, "compare config, `overrides`")
         if not self.methods:
             raise ValueError("compare config: `methods` is empty; list at least two methods")
         names = [m if isinstance(m, str) else m.get("name", m.get("method")) for m in self.methods]
@@ -97,31 +103,45 @@ class CompareConfig:
 
 
 def load_config(path: str | Path) -> tuple[CompareConfig, dict]:
-    """Read a compare config; return it and its base experiment config (as a dict, overrides merged in)."""
+    """Read a compare config; return it and its base experiment config (as a dict, overrides applied)."""
     path = Path(path)
     raw = read_tool_config(path, CompareConfig, "compare")
     cfg = CompareConfig(**raw)
     base = read_base(cfg.base, path)
-    return cfg, deep_merge(base, cfg.overrides)
+    return cfg, resolve(base, cfg.overrides, "compare")
 
 
-def method_adapters(cfg: CompareConfig, base: dict) -> dict[str, dict]:
-    """``{method name: full adapter config}``, each checked against :class:`AdapterConfig` before anything runs."""
-    base_adapter = dict(section(copy.deepcopy(base), "model").get("adapter") or {})
+def method_overrides(cfg: CompareConfig) -> dict[str, dict]:
+    """``{method name: {dotted key: value}}``: the one axis of the comparison (an adapter field ``f`` is
+    ``model.adapter.f``)."""
     out = {}
     for m in cfg.methods:
         spec = {"method": m} if isinstance(m, str) else {k: v for k, v in m.items() if k != "name"}
         name = m if isinstance(m, str) else m.get("name", m.get("method"))
-        adapter = {**base_adapter, **spec}
+        out[name] = {k if "." in k else f"{ADAPTER_KEY}.{k}": v for k, v in spec.items()}
+    return out
+
+
+def method_configs(cfg: CompareConfig, base: dict) -> dict[str, dict]:
+    """``{method name: its experiment config}``, each adapter checked against :class:`AdapterConfig` before anything
+    runs."""
+    out = {}
+    for name, overrides in method_overrides(cfg).items():
+        config = resolve(base, overrides, f"compare config, method {name!r}:")
         try:
-            AdapterConfig(**adapter)
+            AdapterConfig(**(get_key(config, ADAPTER_KEY) or {}))
         except TypeError as e:
             valid = [f.name for f in fields(AdapterConfig)]
             raise ValueError(f"compare config, method {name!r}: {e}; adapter fields are {valid}") from None
         except ValueError as e:
             raise ValueError(f"compare config, method {name!r}: {e}") from None
-        out[name] = adapter
+        out[name] = config
     return out
+
+
+def method_adapters(cfg: CompareConfig, base: dict) -> dict[str, dict]:
+    """``{method name: full adapter config}``, each checked against :class:`AdapterConfig` before anything runs."""
+    return {name: get_key(config, ADAPTER_KEY) for name, config in method_configs(cfg, base).items()}
 
 
 def child_run_name(name: str, config: dict, *more: str) -> str:
@@ -134,112 +154,50 @@ def child_run_name(name: str, config: dict, *more: str) -> str:
 def child_config(base: dict, adapter: dict, *, name: str, experiment: str, tracking_uri: str, parent: str) -> dict:
     """The base experiment with this method's adapter, logging into a child run of ``parent``."""
     config = copy.deepcopy(base)
-    section(config, "model")["adapter"] = adapter
-    trainer = config.setdefault("trainer", {})
-    logger = trainer.get("logger")
-    if isinstance(logger, dict) and logger.get("class_path", MLFLOW_LOGGERS[0]) not in MLFLOW_LOGGERS:
-        raise ValueError(f"compare needs an MLflow logger; the base config's trainer.logger is {logger['class_path']}")
-    init = dict((logger or {}).get("init_args", {}) if isinstance(logger, dict) else {})
-    tags = {**(init.get("tags") or {}), "mlflow.parentRunId": parent, PARENT_TAG: parent, METHOD_TAG: name}
-    init.update(experiment_name=experiment, run_name=child_run_name(name, config), tracking_uri=tracking_uri, tags=tags)
-    init.pop("run_id", None)
-    trainer["logger"] = {"class_path": MLFLOW_LOGGERS[0], "init_args": init}
-    return config
+    set_key(config, ADAPTER_KEY, adapter)
+    return method_run_config(config, name=name, experiment=experiment, tracking_uri=tracking_uri, parent=parent)
+
+
+def method_run_config(config: dict, *, name: str, experiment: str, tracking_uri: str, parent: str) -> dict:
+    """A method's experiment config, logging into a child run of ``parent`` named and tagged by the method."""
+    tags = {driver.PARENT_TAG: parent, PARENT_TAG: parent, METHOD_TAG: name}
+    run_name = child_run_name(name, config)
+    return driver.logged_config(
+        config, tool="compare", experiment=experiment, run_name=run_name, tracking_uri=tracking_uri, tags=tags
+    )
 
 
 def fit_and_test(config_path: str | Path) -> str:
-    """``fit`` then ``test`` of the best checkpoint, in this process; returns the MLflow run id.
+    """``fit`` then ``test`` of the best checkpoint, in this process (:func:`cgc_lightning.driver.fit_and_test`);
+    returns the MLflow run id.
 
     A MoDULA method left at ``stage: joint`` trains its three stages (``cgc_lightning.chain``): the universal and
     domain stages in runs nested under the method's run, the router stage and the test in the method's run.
     """
-    from cgc_lightning.cli import main
-    from cgc_lightning.tracking import mlflow_logger
-
     config = yaml.safe_load(Path(config_path).read_text())
-    if chain.is_chain(config):
-        return _fit_chain_and_test(Path(config_path), config)
-    fit = main(["fit", "--config", str(config_path)])
-    # the checkpoint callback that monitors a metric (others may only save `last.ckpt` for resuming)
-    monitored = [c for c in fit.trainer.checkpoint_callbacks if c.monitor and c.best_model_path]
-    best = monitored[0].best_model_path if monitored else ""
-    if not best:
-        raise RuntimeError(f"{config_path}: fit saved no checkpoint to test; does validation run before max_steps?")
-    run_id = mlflow_logger(fit.trainer).run_id
-    main(["test", "--config", str(config_path), "--ckpt_path", best, f"--trainer.logger.init_args.run_id={run_id}"])
-    return run_id
-
-
-def _fit_chain_and_test(config_path: Path, config: dict) -> str:
+    args = ["--config", str(config_path)]
+    if not chain.is_chain(config):
+        return driver.fit_and_test(args, what=str(config_path)).run_id
     from mlflow import MlflowClient
-
-    from cgc_lightning.cli import main
 
     init = config["trainer"]["logger"]["init_args"]
     client = MlflowClient(init["tracking_uri"])
     exp = client.get_experiment_by_name(init["experiment_name"])
     exp_id = exp.experiment_id if exp else client.create_experiment(init["experiment_name"])
-    name = (init.get("tags") or {}).get(METHOD_TAG) or section(config, "model").get("adapter", {}).get("method")
+    name = (init.get("tags") or {}).get(METHOD_TAG) or get_key(config, f"{ADAPTER_KEY}.method")
     run_name = init.get("run_name") or child_run_name(name, config)
     method_run = client.create_run(exp_id, run_name=run_name, tags=init.get("tags") or {}).info.run_id
     root = Path(init.get("checkpoint_dir") or "outputs")
-    # the earlier stages' configs carry no compare tags: their runs belong to the method's run, not to the compare
-    stage_cfg = copy.deepcopy(config)
-    stage_cfg["trainer"]["logger"]["init_args"]["tags"] = {}
-    stage_path = config_path.with_name(f"{config_path.stem}.stages.yaml")
-    stage_path.write_text(yaml.safe_dump(stage_cfg, sort_keys=False))
 
-    def fit(args: list[str]) -> None:
-        router = "--model.adapter.stage=router" in args
-        main(["fit", "--config", str(config_path if router else stage_path), *args])
-
-    def stage_run(stage: str) -> tuple[str, Path]:
-        tags = {"mlflow.parentRunId": method_run, chain.STAGE_RUN_TAG: stage}
+    def stage_run(stage: str) -> tuple[str, Path]:  # the earlier stages' runs belong to the method's, not the compare
+        tags = {driver.PARENT_TAG: method_run, chain.STAGE_RUN_TAG: stage}
         stage_name = child_run_name(name, config, f"stage={stage}")
         run_id = client.create_run(exp_id, run_name=stage_name, tags=tags).info.run_id
         return run_id, root / exp_id / run_id / "checkpoints"
 
-    trainer = config.get("trainer") or {}
-    val_every = trainer.get("val_check_interval")
     ckpts = root / exp_id / method_run / "checkpoints"
-    chain.run_chain(
-        fit,
-        [],
-        int(trainer.get("max_steps") or 0),
-        val_every if isinstance(val_every, int) else None,
-        None,  # equal thirds of max_steps
-        stage_run,
-        (method_run, ckpts),
-    )
-    best = chain.best_checkpoint(ckpts)
-    main(
-        [
-            "test",
-            "--config",
-            str(config_path),
-            "--ckpt_path",
-            str(best),
-            f"--trainer.logger.init_args.run_id={method_run}",
-        ]
-    )
-    return method_run
-
-
-def run_logged(command: list[str], log: Path) -> int:
-    """Run ``command`` with its output written to ``log`` and, when this process writes to a terminal, shown
-    there too (with the child's progress bars live); return its exit code."""
-    env = dict(os.environ)
-    live = sys.stdout.isatty()
-    if live:
-        env.setdefault("FORCE_COLOR", "1")  # the child's output is a pipe; its progress bars still draw
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
-            fh.write(chunk)
-            if live:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-    return proc.wait()
+    chained = driver.Chain.of(config, None, stage_run)  # equal thirds of max_steps
+    return driver.fit_and_test(args, what=f"method {name!r}", run_id=method_run, folder=ckpts, chained=chained).run_id
 
 
 def train(
@@ -254,9 +212,8 @@ def train(
     """Train every method as a child run of a new parent run, then report on the parent."""
     from cgc_lightning.tracking import DEFAULT_SEED, MLflowLogger, default_tracking_uri, seed_text, unique_run_name
 
-    adapters = method_adapters(cfg, base)
-    logger = (base.get("trainer") or {}).get("logger")
-    init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    configs = method_configs(cfg, base)
+    init = driver.logger_init(base, "compare")
     tracking_uri = tracking_uri or init.get("tracking_uri") or default_tracking_uri()
     experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
     parent = MLflowLogger(
@@ -266,7 +223,7 @@ def train(
         tags={
             ROLE_TAG: "parent",
             "compare.reference": cfg.reference,
-            "compare.methods": ",".join(adapters),
+            "compare.methods": ",".join(configs),
             "compare.metric": cfg.metric,
         },
     )
@@ -278,29 +235,29 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
     try:
-        for i, (name, adapter) in enumerate(adapters.items(), 1):
-            print(f"[{i}/{len(adapters)}] {name} ...", flush=True)
+        for i, (name, method_config) in enumerate(configs.items(), 1):
+            print(f"[{i}/{len(configs)}] {name} ...", flush=True)
             start = time.perf_counter()
             path = work / f"{name}.yaml"
-            config = child_config(
-                base, adapter, name=name, experiment=experiment, tracking_uri=tracking_uri, parent=parent_id
+            config = method_run_config(
+                method_config, name=name, experiment=experiment, tracking_uri=tracking_uri, parent=parent_id
             )
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             if in_process:
                 fit_and_test(path)
             else:
                 log = work / f"{name}.log"
-                print(f"[{i}/{len(adapters)}] {name}: config {path}, log {log}", flush=True)
-                returncode = run_logged([sys.executable, "-m", "cgc_lightning", "compare", "--child", str(path)], log)
+                print(f"[{i}/{len(configs)}] {name}: config {path}, log {log}", flush=True)
+                returncode = driver.run_logged(driver.child_command("compare", "--child", str(path)), log)
                 client.log_artifact(parent_id, str(log), "logs")
                 if returncode:
-                    tail = "\n".join(log.read_text().splitlines()[-30:])
+                    tail = driver.log_tail(log, 30)
                     raise RuntimeError(f"method {name!r} failed (exit {returncode}); end of its log:\n{tail}")
-            print(f"[{i}/{len(adapters)}] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"[{i}/{len(configs)}] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
         runs = client.search_runs(
             [client.get_experiment_by_name(experiment).experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
         )
-        report = report_from_runs(runs, cfg.reference, "test", cfg.metric, order=list(adapters))
+        report = report_from_runs(runs, cfg.reference, "test", cfg.metric, order=list(configs))
         add_significance(client, report, "test", cfg.metric)
         log_report(client, parent_id, report, "test", out_dir)
         print(format_table(report, "test"))

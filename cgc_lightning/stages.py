@@ -17,24 +17,25 @@ loading too).
 A stages config (YAML)::
 
     base: experiments/tiny.yaml              # an experiment config, as given to `fit` (path or inline)
-    overrides: {model: {adapter: {method: modula_res}}}   # merged into the base for every stage
+    overrides: {model.adapter.method: modula_res}   # dotted keys, as on the command line; for every stage
     stages:                                  # run in order
       - {stage: universal}
-      - {stage: domain, overrides: {trainer: {max_steps: 20}}}
-      - {stage: router, name: router, overrides: {model: {lr: 1.0e-2}}}
+      - {stage: domain, overrides: {trainer.max_steps: 20}}
+      - {stage: router, name: router, overrides: {model.lr: 1.0e-2}}
     init_adapter: null                       # the first stage starts from this adapter (adding a domain)
     checkpoint: best                         # hand the next stage the best or the last checkpoint
     test: true                               # test the last stage's best checkpoint into its run
     experiment_name: null                    # MLflow experiment; default: the base config's
     run_name: null                           # parent run name; default: <method>:<file name> seed=<seed> <suffix>
 
-Stage configs live in ``experiments/stages/``, apart from the experiment configs they point to.
+Stage configs live in ``experiments/stages/``, apart from the experiment configs they point to. The nested form
+of earlier configs (``overrides: {trainer: {max_steps: 20}}``) is still read, with a warning. Each stage is a
+point run by :mod:`cgc_lightning.driver`, in this process, one after another.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -43,10 +44,10 @@ from typing import Literal
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from cgc_lightning import driver
 from cgc_lightning.config import STAGES
-from cgc_lightning.configs import deep_merge, read_base, read_tool_config, section
+from cgc_lightning.configs import dotted, get_key, read_base, read_tool_config, resolve, set_key
 
-MLFLOW_LOGGER = "cgc_lightning.tracking.MLflowLogger"
 PARENT_TAG, STAGE_TAG, INDEX_TAG, ADAPTER_TAG = "mlflow.parentRunId", "stage", "stage.index", "stages.adapter"
 
 
@@ -101,12 +102,15 @@ class StageSpec:
     name: str | None = None
     """Run name suffix and key of its times on the parent; default: the stage."""
     overrides: dict = field(default_factory=dict)
-    """Merged into the experiment config for this stage only (after the config-wide ``overrides``)."""
+    """``{dotted key: value}`` set for this stage only (after the config-wide ``overrides``)."""
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stages config: unknown stage {self.stage!r}; choose one of {STAGES}")
         self.name = self.name or self.stage
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"stages config: stage {self.name!r}: `overrides` must be a mapping")
+        self.overrides = dotted(self.overrides, f"stages config, stage {self.name!r}, `overrides`")
 
 
 @dataclass
@@ -118,7 +122,7 @@ class StagesConfig:
     stages: list[StageSpec | dict]
     """The stages, run in order; each starts from the previous one's adapter."""
     overrides: dict = field(default_factory=dict)
-    """Merged into the base config for every stage (e.g. ``{model: {adapter: {method: modula_res}}}``)."""
+    """``{dotted key: value}`` set in the base config for every stage (e.g. ``{model.adapter.method: modula_res}``)."""
     init_adapter: str | None = None
     """The adapter the first stage starts from (a saved adapter directory, ``runs:/<run id>/best_adapter``, or
     a ``.ckpt``): a trained MoDULA adapter to add a domain to. Required when the first stage is ``domain`` or
@@ -135,6 +139,9 @@ class StagesConfig:
     Each stage's run is ``<method>:<stage name> seed=<seed> <suffix>`` (the suffix tells apart runs of one config)."""
 
     def __post_init__(self):
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"stages config: `overrides` must be a mapping, got {type(self.overrides).__name__}")
+        self.overrides = dotted(self.overrides, "stages config, `overrides`")
         self.stages = [_stage_spec(s, i) for i, s in enumerate(self.stages)]
         if not self.stages:
             raise ValueError("stages config: `stages` is empty; list at least one stage")
@@ -162,7 +169,7 @@ def _stage_spec(value: StageSpec | dict, index: int) -> StageSpec:
 
 
 def load_config(path: str | Path, init_adapter: str | None = None) -> tuple[StagesConfig, dict]:
-    """Read a stages config; return it and its base experiment config (a dict, config-wide overrides merged in)."""
+    """Read a stages config; return it and its base experiment config (a dict, config-wide overrides applied)."""
     path = Path(path)
     raw = read_tool_config(path, StagesConfig, "stages")
     if init_adapter is not None:
@@ -174,7 +181,7 @@ def load_config(path: str | Path, init_adapter: str | None = None) -> tuple[Stag
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     base = read_base(cfg.base, path)
-    return cfg, deep_merge(base, cfg.overrides)
+    return cfg, resolve(base, cfg.overrides, f"{path}:")
 
 
 def stage_config(
@@ -188,25 +195,14 @@ def stage_config(
     tags: dict,
 ) -> dict:
     """The experiment config of one stage: its overrides, stage and starting adapter, a child run, and a timer."""
-    config = deep_merge(base, spec.overrides)
-    adapter = section(config, "model").setdefault("adapter", {})
-    adapter["stage"] = spec.stage
-    adapter["init_adapter"] = init_adapter
-    trainer = config.setdefault("trainer", {})
-    logger = trainer.get("logger")
-    if isinstance(logger, dict) and logger.get("class_path", MLFLOW_LOGGER) != MLFLOW_LOGGER:
-        raise ValueError(f"stages needs the MLflow logger; the base config's trainer.logger is {logger['class_path']}")
-    init = dict(logger.get("init_args") or {}) if isinstance(logger, dict) else {}
-    init.update(
-        experiment_name=experiment,
-        tracking_uri=tracking_uri,
-        run_name=run_name,
-        tags={**(init.get("tags") or {}), **tags},
+    config = resolve(base, spec.overrides, f"stages config, stage {spec.name!r}:")
+    set_key(config, "model.adapter.stage", spec.stage)
+    set_key(config, "model.adapter.init_adapter", init_adapter)
+    config = driver.logged_config(
+        config, tool="stages", experiment=experiment, run_name=run_name, tracking_uri=tracking_uri, tags=tags
     )
-    init.pop("run_id", None)
-    trainer["logger"] = {"class_path": MLFLOW_LOGGER, "init_args": init}
-    callbacks = list(trainer.get("callbacks") or [])
-    trainer["callbacks"] = [*callbacks, {"class_path": f"{__name__}.StageTimer"}]
+    trainer = config["trainer"]
+    trainer["callbacks"] = [*(trainer.get("callbacks") or []), {"class_path": f"{__name__}.StageTimer"}]
     return config
 
 
@@ -226,22 +222,21 @@ class StageResult:
 
 
 def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple[str, list[StageResult]]:
-    """Train the stages in order, in this process, as child runs of a new parent run.
+    """Train the stages in order, in this process, as child runs of a new parent run (each one fit, and the last
+    one's test, by :func:`cgc_lightning.driver.fit_and_test`).
 
     Returns:
         The parent run id and each stage's result.
     """
     from mlflow import MlflowClient
 
-    from cgc_lightning.cli import main
-    from cgc_lightning.tracking import DEFAULT_SEED, MLflowLogger, default_tracking_uri, mlflow_logger, seed_text
+    from cgc_lightning.tracking import DEFAULT_SEED, MLflowLogger, default_tracking_uri, seed_text
     from cgc_lightning.tracking import unique_run_name as named
 
-    logger = (base.get("trainer") or {}).get("logger")
-    init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    init = driver.logger_init(base, "stages")
     tracking_uri = init.get("tracking_uri") or default_tracking_uri()
     experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
-    method = (section(copy.deepcopy(base), "model").get("adapter") or {}).get("method", "cgc_lora")
+    method = (get_key(base, "model.adapter") or {}).get("method", "cgc_lora")
     seed = base.get("seed_everything", DEFAULT_SEED)
     stage_list = ",".join(s.stage for s in cfg.stages)
     parent = MLflowLogger(
@@ -279,15 +274,14 @@ def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             print(f"[{i + 1}/{len(cfg.stages)}] stage {spec.name} ({spec.stage}) from {init_adapter} ...", flush=True)
             start = time.perf_counter()
-            fit = main(["fit", "--config", str(path)])
+            args = ["--config", str(path)]
+            fitted = driver.fit_and_test(args, what=f"stage {spec.name!r}", test=False)
             wall = time.perf_counter() - start
-            run_id = mlflow_logger(fit.trainer).run_id
-            ckpt = fit.trainer.checkpoint_callback
-            best = (ckpt.best_model_path or ckpt.last_model_path) if ckpt is not None else ""
-            chosen = best if cfg.checkpoint == "best" else (ckpt.last_model_path if ckpt is not None else "")
+            run_id = fitted.run_id
+            chosen = fitted.best if cfg.checkpoint == "best" else fitted.last
             if not chosen:
                 raise RuntimeError(f"stage {spec.name!r} saved no {cfg.checkpoint} checkpoint (see {path})")
-            timer = next(c for c in fit.trainer.callbacks if isinstance(c, StageTimer))
+            timer = next(c for c in fitted.trainer.callbacks if isinstance(c, StageTimer))
             client.log_metric(run_id, "time/stage_wall_s", wall)
             result = StageResult(
                 spec.name, spec.stage, run_id, chosen, timer.train_steps_s, timer.train_steps_cpu_s, timer.fit_s, wall
@@ -301,10 +295,8 @@ def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple
                 flush=True,
             )
             if cfg.test and i == len(cfg.stages) - 1:
-                main(
-                    ["test", "--config", str(path), "--ckpt_path", best, f"--trainer.logger.init_args.run_id={run_id}"]
-                )
-            del fit
+                driver.test_checkpoint(args, fitted.best, run_id)
+            del fitted  # its trainer holds the model
             init_adapter = chosen
         last = results[-1]
         for key in ("train_steps_s", "train_steps_cpu_s", "fit_s", "wall_s"):

@@ -4,7 +4,6 @@ and each point's id and run name."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -14,7 +13,15 @@ from typing import Any
 
 import yaml
 
-from cgc_lightning.configs import find_base, read_tool_config
+from cgc_lightning.configs import (  # noqa: F401  (get_key, set_key, resolve: importable from here as before)
+    dotted,
+    find_base,
+    get_key,
+    read_tool_config,
+    resolve,
+    set_key,
+    step,
+)
 
 METHOD_KEY = "model.adapter.method"
 
@@ -54,6 +61,7 @@ class GridConfig:
         ]:
             if not isinstance(value, kind):
                 raise ValueError(f"grid config: `{what}` must be a {kind.__name__}, got {type(value).__name__}")
+        self.overrides = dotted(self.overrides, "grid config, `overrides`")
         for key, values in self.axes.items():
             if not isinstance(values, (list, dict)) or not values:
                 raise ValueError(
@@ -96,52 +104,6 @@ def canonical(value: Any) -> str:
     return json.dumps(plain(value), sort_keys=True, separators=(",", ":"), default=str)
 
 
-# ----------------------------------------------------------------------------------- config surgery
-
-
-def _step(node: Any, part: str, key: str, create: bool) -> Any:
-    """One level down ``key``: through ``init_args`` of a ``class_path`` section, or into a list by index."""
-    if isinstance(node, list):
-        if not part.isdigit() or int(part) >= len(node):
-            raise KeyError(f"{key!r}: {part!r} is not an index of a list of {len(node)}")
-        return node[int(part)]
-    if not isinstance(node, dict):
-        raise KeyError(f"{key!r}: cannot go into {part!r} of a {type(node).__name__}")
-    if "class_path" in node and part not in ("class_path", "init_args"):
-        node = node.setdefault("init_args", {})
-    if create and node.get(part) is None:
-        node[part] = {}
-    if part not in node:
-        raise KeyError(f"{key!r}: no {part!r} in the config")
-    return node[part]
-
-
-def get_key(config: dict, key: str, default: Any = None) -> Any:
-    node = config
-    try:
-        for part in key.split("."):
-            node = _step(node, part, key, create=False)
-    except KeyError:
-        return default
-    return node
-
-
-def set_key(config: dict, key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    node = config
-    for part in parents:
-        node = _step(node, part, key, create=True)
-    if isinstance(node, list):
-        _step(node, last, key, create=False)  # index check
-        node[int(last)] = copy.deepcopy(value)
-    elif isinstance(node, dict):
-        if "class_path" in node and last not in ("class_path", "init_args"):
-            node = node.setdefault("init_args", {})
-        node[last] = copy.deepcopy(value)
-    else:
-        raise KeyError(f"{key!r}: cannot go into {last!r} of a {type(node).__name__}")
-
-
 def _cli_keys(config: dict, key: str, value: Any) -> list[str]:
     """The keys to pass on the command line for an override of ``key``: itself, or the list it indexes into."""
     if key == "data.clusters" and isinstance(value, dict):
@@ -151,42 +113,8 @@ def _cli_keys(config: dict, key: str, value: Any) -> list[str]:
     for i, part in enumerate(parts):
         if isinstance(node, list):
             return [".".join(parts[:i])]
-        node = _step(node, part, key, create=False)
+        node = step(node, part, key, create=False)
     return [key]
-
-
-def _assign_clusters(config: dict, clusters: dict) -> None:
-    """``data.clusters: {cluster: [tasks]}``: list the clusters and move each task of ``data.tasks`` to its own."""
-    owner = {}
-    for cluster, members in clusters.items():
-        for t in members or []:
-            if t in owner:
-                raise ValueError(f"data.clusters: task {t!r} is in both {owner[t]!r} and {cluster!r}")
-            owner[t] = cluster
-    tasks = get_key(config, "data.tasks") or []
-    names = [t.get("name") for t in tasks]
-    if sorted(owner) != sorted(names):
-        raise ValueError(
-            f"data.clusters {clusters} must place every task of data.tasks {names} exactly once "
-            f"(missing {sorted(set(names) - set(owner))}, unknown {sorted(set(owner) - set(names))})"
-        )
-    for t in tasks:
-        t["cluster"] = owner[t["name"]]
-    set_key(config, "data.clusters", list(clusters))
-
-
-def resolve(base: dict, overrides: dict[str, Any]) -> dict:
-    """The base config with ``overrides`` (``{dotted key: value}``) applied, in order."""
-    config = copy.deepcopy(base)
-    for key, value in overrides.items():
-        try:
-            if key == "data.clusters" and isinstance(value, dict):
-                _assign_clusters(config, value)
-            else:
-                set_key(config, key, value)
-        except KeyError as e:
-            raise ValueError(f"grid override {key}={value!r}: {e.args[0]}") from None
-    return config
 
 
 def _cli_value(value: Any) -> str:

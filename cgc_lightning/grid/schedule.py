@@ -3,19 +3,17 @@ their own, placed on GPUs by ``gpu_slots`` (:func:`run_grid`), or their commands
 
 from __future__ import annotations
 
-import inspect
 import os
 import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cgc_lightning.driver import start_logged
 from cgc_lightning.grid.config import GridConfig, Point, point_run_name, short_names
 from cgc_lightning.grid.store import (
     GPU_TAG,
@@ -46,9 +44,9 @@ def _owner_alive(run) -> bool:
 
 
 def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, parent_id: str) -> str:
-    """Bring one point to finished, in this process: ``fit`` (resumed from ``last.ckpt`` if any), then ``test``."""
-    from cgc_lightning import chain, cli, gpu_slots
-    from cgc_lightning.tracking import MLflowLogger
+    """Bring one point to finished, in this process (:func:`cgc_lightning.driver.fit_and_test`): ``fit`` (resumed
+    from ``last.ckpt`` if any), then ``test``."""
+    from cgc_lightning import chain, driver, gpu_slots
 
     client = store.client
     run = child_runs(store, parent_id, point.id).get(point.id)
@@ -56,14 +54,10 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
         return "skipped"
     if run is not None and _owner_alive(run):
         return f"busy (pid {run.data.tags[OWNER_TAG]})"
-    resume = test_only = False
+    plan = "restart"
     if run is not None:
-        ckpts = store.checkpoints(run)
-        # a process killed while writing a checkpoint leaves a truncated zip: not something to continue from
-        usable = [c for c in ("best.ckpt", "last.ckpt") if zipfile.is_zipfile(ckpts / c)]
-        test_only = run.data.tags.get(STAGE_TAG) in ("fit_done", "test") and bool(usable)
-        resume = not test_only and "last.ckpt" in usable
-        if not (test_only or resume):  # nothing to continue from: start over in a clean run
+        plan = driver.resume_plan(run.data.tags.get(STAGE_TAG), store.checkpoints(run))
+        if plan == "restart":  # nothing to continue from: start over in a clean run
             client.delete_run(run.info.run_id)
             run = None
     if run is None:
@@ -80,59 +74,36 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
     client.set_tag(run_id, OWNER_TAG, f"{socket.gethostname()}:{os.getpid()}")
     if peak_report and os.environ.get("CUDA_VISIBLE_DEVICES"):  # the GPU the grid placed this point on
         client.set_tag(run_id, GPU_TAG, os.environ["CUDA_VISIBLE_DEVICES"])
-    common = [
+    args = [
         "--config",
         base_path,
         *point.args,
-        f"--trainer.logger.init_args.run_id={run_id}",
         f"--trainer.logger.init_args.tracking_uri={store.tracking_uri}",
         "--trainer.enable_progress_bar=false",
         *peak_report,
     ]
+
+    def stage_run(stage: str) -> tuple[str, Path]:  # a MoDULA point's earlier stages: runs nested under the point's
+        tags = {PARENT_TAG: run_id, chain.STAGE_RUN_TAG: stage, ROLE_TAG: "modula_stage"}
+        child = client.get_run(new_run(store, point_run_name(cfg, point, f"stage={stage}"), tags))
+        return child.info.run_id, store.checkpoints(child)
+
+    modula = chain.is_chain(point.config)  # its three stages, the last one into this point's run
     try:
-        if not test_only:
-            client.set_tag(run_id, STAGE_TAG, "fit")
-            extra = ["--ckpt_path", str(ckpts / "last.ckpt")] if resume else []
-            if resume and "resume" in inspect.signature(MLflowLogger).parameters:  # don't re-log steps before the crash
-                extra.append("--trainer.logger.init_args.resume=true")
-            if chain.is_chain(point.config):  # MoDULA: its three stages, the last one into this point's run
-
-                def fit_stage(args: list[str]) -> None:
-                    stage = cli.main(["fit", *args]).trainer
-                    if stage.interrupted or getattr(stage, "received_sigterm", False):
-                        raise RuntimeError(f"point {point.id}: a MoDULA stage's fit was interrupted")
-
-                def stage_run(stage: str) -> tuple[str, Path]:
-                    tags = {PARENT_TAG: run_id, chain.STAGE_RUN_TAG: stage, ROLE_TAG: "modula_stage"}
-                    child = client.get_run(new_run(store, point_run_name(cfg, point, f"stage={stage}"), tags))
-                    return child.info.run_id, store.checkpoints(child)
-
-                trainer_cfg = point.config.get("trainer") or {}
-                val_every = trainer_cfg.get("val_check_interval")
-                chain.run_chain(
-                    fit_stage,
-                    [c for c in common if not c.startswith("--trainer.logger.init_args.run_id=")],
-                    int(trainer_cfg.get("max_steps") or 0),
-                    val_every if isinstance(val_every, int) else None,
-                    cfg.modula_stages,
-                    stage_run,
-                    (run_id, ckpts),
-                )
-            else:
-                trainer = cli.main(["fit", *common, *extra]).trainer
-                if trainer.interrupted or getattr(trainer, "received_sigterm", False):
-                    raise RuntimeError(f"point {point.id}: fit was interrupted")
-            client.set_tag(run_id, STAGE_TAG, "fit_done")
-        best = next((p for p in (ckpts / "best.ckpt", ckpts / "last.ckpt") if zipfile.is_zipfile(p)), None)
-        if best is None:
-            raise RuntimeError(f"point {point.id}: fit wrote no checkpoint under {ckpts}; does validation run?")
-        client.set_tag(run_id, STAGE_TAG, "test")
-        cli.main(["test", *common, "--ckpt_path", str(best)])
-        client.set_tag(run_id, STAGE_TAG, "done")
+        driver.fit_and_test(
+            args,
+            what=f"point {point.id}",
+            run_id=run_id,
+            folder=ckpts,
+            resume=plan == "resume",
+            test_only=plan == "test",
+            chained=driver.Chain.of(point.config, cfg.modula_stages, stage_run) if modula else None,
+            on_step=lambda step: client.set_tag(run_id, STAGE_TAG, step),
+        )
     except BaseException as e:
         client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    return "resumed and finished" if resume else "finished"
+    return "resumed and finished" if plan == "resume" else "finished"
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -153,20 +124,11 @@ def visible_gpus(arg: str | None) -> list[str]:
 
 
 def point_command(config_path: str, point: Point, parent_id: str, tracking_uri: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cgc_lightning",
-        "grid",
-        "--config",
-        config_path,
-        "--point",
-        point.id,
-        "--parent",
-        parent_id,
-        "--tracking-uri",
-        tracking_uri,
-    ]
+    """The command that brings one point to finished in a process of its own (``grid --point``)."""
+    from cgc_lightning.driver import child_command
+
+    args = ["--config", config_path, "--point", point.id, "--parent", parent_id, "--tracking-uri", tracking_uri]
+    return child_command("grid", *args)
 
 
 @dataclass
@@ -237,9 +199,8 @@ def run_grid(
             memory_file = logs / f"{p.id}.gpu_memory.json"
             memory_file.unlink(missing_ok=True)
             env[gpu_slots.MEMORY_FILE_ENV] = str(memory_file)
-        log = open(logs / f"{p.id}.log", "a")  # noqa: SIM115 (closed when the process ends)
-        proc = subprocess.Popen(
-            point_command(config_path, p, parent_id, store.tracking_uri), env=env, stdout=log, stderr=subprocess.STDOUT
+        proc, log = start_logged(
+            point_command(config_path, p, parent_id, store.tracking_uri), logs / f"{p.id}.log", env
         )
         return _Job(proc, i, p, time.perf_counter(), log, log.tell(), memory_file)
 

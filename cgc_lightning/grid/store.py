@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cgc_lightning.grid.config import GridConfig, get_key, resolve
+from cgc_lightning.driver import MLFLOW_LOGGERS, PARENT_TAG, logger_init  # noqa: F401  (re-exported)
+from cgc_lightning.grid.config import GridConfig, resolve
 
 ROLE_TAG, NAME_TAG, POINT_TAG, STAGE_TAG, OWNER_TAG = (
     "grid.role",
@@ -17,8 +18,6 @@ ROLE_TAG, NAME_TAG, POINT_TAG, STAGE_TAG, OWNER_TAG = (
     "grid.owner",
 )
 GPU_TAG = "grid.gpu"
-PARENT_TAG = "mlflow.parentRunId"
-MLFLOW_LOGGERS = ("cgc_lightning.tracking.MLflowLogger",)
 
 
 @dataclass
@@ -42,13 +41,8 @@ class Store:
 def open_store(cfg: GridConfig, base: dict, tracking_uri: str | None) -> Store:
     from cgc_lightning.tracking import LockRetryingClient, default_tracking_uri
 
-    config = resolve(base, cfg.overrides)
-    logger = get_key(config, "trainer.logger")
-    if logger is False or (
-        isinstance(logger, dict) and logger.get("class_path", MLFLOW_LOGGERS[0]) not in MLFLOW_LOGGERS
-    ):
-        raise ValueError(f"grid needs trainer.logger to be {MLFLOW_LOGGERS[0]}; the base config has {logger!r}")
-    init = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    # the points run `fit --config <base>` with overrides: the base's own logger must know `checkpoint_dir` and `resume`
+    init = logger_init(resolve(base, cfg.overrides), "grid", ours_only=True)
     uri = tracking_uri or init.get("tracking_uri") or default_tracking_uri()
     experiment = cfg.experiment_name or init.get("experiment_name") or "cgc-lightning"
     return Store(LockRetryingClient(uri), uri, experiment, init.get("checkpoint_dir") or "outputs")

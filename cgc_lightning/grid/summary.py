@@ -37,7 +37,7 @@ class Summary:
 
 def summarise(cfg: GridConfig, points: list[Point], runs: dict[str, Any]) -> Summary:
     """Test metrics of each point, Δm against the baseline point of the same seed, and mean/spread over seeds."""
-    from cgc_lightning.compare import build_report
+    from cgc_lightning.compare_report import build_report
 
     short = short_names(points)
     results, tasks = {}, {}
