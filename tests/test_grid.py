@@ -271,6 +271,32 @@ def test_finished_points_are_skipped_and_the_rest_emitted_for_a_scheduler(tmp_pa
     assert '--point "${POINTS[$SLURM_ARRAY_TASK_ID]}"' in slurm
 
 
+def test_a_point_between_its_fit_and_its_test_is_busy_while_its_owner_lives(tmp_path, monkeypatch):
+    """A second grid on the same store used to test such a point again: ``fit`` ends the run FINISHED, and an owner
+    was only believed while the run was RUNNING."""
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    monkeypatch.chdir(tmp_path)
+    cfg, base, base_path = load("experiments/grids/tiny.yaml")
+    points, _ = expand(cfg, base)
+    store = grid.open_store(cfg, base, f"sqlite:///{tmp_path}/mlflow.db")
+    parent = grid.parent_run(store, cfg)
+    run_id = _fake_finished_run(store, parent, points[0], {"plausible": 0.5})  # fit done, test metrics missing
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store.client.set_tag(run_id, grid.OWNER_TAG, f"{socket.gethostname()}:{owner.pid}")
+        assert (
+            grid.run_point(cfg, points[0], base_path, store, parent) == f"busy (pid {socket.gethostname()}:{owner.pid})"
+        )
+    finally:
+        owner.kill()
+        owner.wait()
+    assert not grid.schedule._owner_alive(store.client.get_run(run_id)), "a dead owner: the point is interrupted"
+
+
 def test_summary_delta_m_against_the_baseline_of_the_same_seed(tmp_path):
     points, _ = points_of(axes={"model.adapter.method": ["cgc_lora", "independent_lora"], "seed_everything": [1, 2]})
     cfg = GridConfig(base="unused", experiment_name="summary")

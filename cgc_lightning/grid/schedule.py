@@ -31,9 +31,11 @@ from cgc_lightning.grid.store import (
 
 
 def _owner_alive(run) -> bool:
+    """Whether the process that owns the point's run is alive on this host, whatever the run's status: between
+    its ``fit`` (which ends the run FINISHED) and its ``test``, a point is unfinished but not interrupted."""
     host, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
-    if run.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False  # on another host we cannot tell: a RUNNING run there counts as interrupted
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False  # on another host we cannot tell: an unfinished run there counts as interrupted
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
