@@ -247,13 +247,18 @@ def _fake_finished_run(store, parent, point, scores: dict[str, float], status="F
     return run.info.run_id
 
 
-def test_finished_points_are_skipped_and_the_rest_emitted_for_a_scheduler(tmp_path, monkeypatch):
+def _tiny_grid_store(tmp_path, monkeypatch):
+    """The tiny grid's config, points, a store in ``tmp_path`` and the grid's parent run, run from ``tmp_path``."""
     (tmp_path / "experiments").symlink_to(ROOT / "experiments")
     monkeypatch.chdir(tmp_path)
-    cfg, base, _ = load("experiments/grids/tiny.yaml")
+    cfg, base, base_path = load("experiments/grids/tiny.yaml")
     points, _ = expand(cfg, base)
     store = grid.open_store(cfg, base, f"sqlite:///{tmp_path}/mlflow.db")
-    parent = grid.parent_run(store, cfg)
+    return cfg, base_path, points, store, grid.parent_run(store, cfg)
+
+
+def test_finished_points_are_skipped_and_the_rest_emitted_for_a_scheduler(tmp_path, monkeypatch):
+    cfg, _, points, store, parent = _tiny_grid_store(tmp_path, monkeypatch)
     assert grid.parent_run(store, cfg) == parent, "found again by the grid's name"
     scores = {"plausible": 0.5, "qa": 0.25, "count": 0.1}
     _fake_finished_run(store, parent, points[0], scores)
@@ -278,12 +283,7 @@ def test_a_point_between_its_fit_and_its_test_is_busy_while_its_owner_lives(tmp_
     import subprocess
     import sys
 
-    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
-    monkeypatch.chdir(tmp_path)
-    cfg, base, base_path = load("experiments/grids/tiny.yaml")
-    points, _ = expand(cfg, base)
-    store = grid.open_store(cfg, base, f"sqlite:///{tmp_path}/mlflow.db")
-    parent = grid.parent_run(store, cfg)
+    cfg, base_path, points, store, parent = _tiny_grid_store(tmp_path, monkeypatch)
     run_id = _fake_finished_run(store, parent, points[0], {"plausible": 0.5})  # fit done, test metrics missing
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
