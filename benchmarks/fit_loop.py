@@ -93,6 +93,14 @@ def sized_model(size: str, spec: ModelSpec, folder: Path) -> list[str]:
     return [f"--model.model.name_or_path={folder}", "--model.model.random_init=true", "--model.model.gguf_file=null"]
 
 
+def size_overrides(args: argparse.Namespace, folder: Path) -> list[str]:
+    """For ``--size`` other than ``config``, the model folder :func:`sized_model` writes under ``folder`` and the
+    overrides that point ``fit`` at it; nothing for ``config``."""
+    if args.size == "config":
+        return []
+    return sized_model(args.size, config_model_spec(args.config, args.set), folder / f"llama-{args.size}")
+
+
 def model_shape(size: str, model: torch.nn.Module) -> dict:
     """The base model's shape and parameter counts (frozen base, trainable adapters; tied tensors once)."""
     cfg = model.config
@@ -262,7 +270,8 @@ def run_bare(args, cli, cuda: bool) -> dict:
 
 
 def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on") -> argparse.Namespace:
-    """The options of a benchmark built on :func:`run_fit` (this one, ``benchmarks.packing``), checked.
+    """The options of a benchmark built on :func:`run_fit` (this one, ``benchmarks.packing``), checked; such a
+    benchmark applies ``--size`` with :func:`size_overrides`.
 
     Args:
         argv: the command line, or ``None`` for ``sys.argv``.
@@ -292,9 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [f"--{kv}" for kv in args.set]
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.size != "config":
-            spec = config_model_spec(args.config, args.set)
-            overrides += sized_model(args.size, spec, Path(tmp) / f"llama-{args.size}")
+        overrides += size_overrides(args, Path(tmp))
         cli, fit, host = run_fit(args, overrides, Path(tmp), cuda)
         shape = model_shape(args.size, cli.model.model)
         gc.collect()
