@@ -16,7 +16,15 @@ the variant). For ``fit``, where the host time goes: Lightning's ``SimpleProfile
 host (asynchronous CUDA work is not waited for), grouped as data (fetching and moving the batch), forward +
 routing + per-task loss (``training_step``), backward, optimizer, callbacks and logging.
 
+``--size`` picks the model: ``config`` (the default) runs the one the config names; a size of
+``benchmarks.shapes.SIZES`` (``tiny``, ``host``, ``135m``, ``1b``, ``3b``: Llama-3.2-1B and -3B for the last two)
+runs a Llama of that shape with random weights instead, in the config's ``model.model.dtype``, its vocabulary
+the length of the config model's tokenizer (which it keeps, so the data are tokenised as before); both loops
+load it. The header names the size, the shape and the base parameter count.
+
     python -m benchmarks.fit_loop --config experiments/gpu.yaml --set data.batch_size=32       # GPU, real model
+    python -m benchmarks.fit_loop --config experiments/gpu.yaml --size 1b \
+        --set data.batch_size=8 --set data.max_length=512                                    # GPU, 1B shape
     python -m benchmarks.fit_loop --config experiments/tiny.yaml --steps 2 --warmup 1            # CPU smoke (CI)
 
 ``--set key=value`` takes dotted LightningCLI overrides (``model.adapter.method=joint_lora``), any number.
@@ -33,9 +41,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch import Callback
 
+from benchmarks.shapes import SIZES, llama_config
 from cgc_lightning.config import AdapterConfig
+from cgc_lightning.hf import ModelSpec
 
 PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                   "on_before_optimizer_step", "on_before_zero_grad")  # fmt: skip
@@ -50,6 +61,58 @@ def active_rank(cfg: AdapterConfig) -> int:
     if cfg.method.startswith("modula"):
         return (cfg.num_universal + 1) * cfg.r
     return cfg.r
+
+
+def config_model_spec(config: str, sets: list[str]) -> ModelSpec:
+    """The config's ``model.model`` with the ``--set model.model.<field>=<value>`` overrides applied."""
+    with open(config) as f:
+        fields = dict(((yaml.safe_load(f) or {}).get("model") or {}).get("model") or {})
+    for kv in sets:
+        key, _, value = kv.partition("=")
+        if key.startswith("model.model."):
+            fields[key.removeprefix("model.model.")] = yaml.safe_load(value)
+    if "name_or_path" not in fields:
+        raise SystemExit(f"--size needs the config's tokenizer, but {config} sets no model.model.name_or_path")
+    return ModelSpec(**fields)
+
+
+def sized_model(size: str, spec: ModelSpec, folder: Path) -> list[str]:
+    """Write a Llama model folder of ``SIZES[size]`` (config only: fit builds random weights) with ``spec``'s
+    tokenizer, the vocabulary that tokenizer's length; return the overrides that point ``fit`` at it."""
+    from cgc_lightning.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(spec)  # as the data module loads it: a pad token (EOS) if the model has none
+    cfg = llama_config(size, vocab_size=len(tokenizer))
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    cfg.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return [f"--model.model.name_or_path={folder}", "--model.model.random_init=true", "--model.model.gguf_file=null"]
+
+
+def size_overrides(args: argparse.Namespace, folder: Path) -> list[str]:
+    """For ``--size`` other than ``config``, the model folder :func:`sized_model` writes under ``folder`` and the
+    overrides that point ``fit`` at it; nothing for ``config``."""
+    if args.size == "config":
+        return []
+    return sized_model(args.size, config_model_spec(args.config, args.set), folder / f"llama-{args.size}")
+
+
+def model_shape(size: str, model: torch.nn.Module) -> dict:
+    """The base model's shape and parameter counts (frozen base, trainable adapters; tied tensors once)."""
+    cfg = model.config
+    params = list(model.parameters())
+    return {
+        "size": size,
+        "hidden_size": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "params": sum(p.numel() for p in params if not p.requires_grad),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
 
 
 class StepTimer(Callback):
@@ -202,11 +265,13 @@ def run_bare(args, cli, cuda: bool) -> dict:
         tokens.append(int(batch["attention_mask"].sum()))
     peak = torch.cuda.max_memory_allocated() if cuda else None
     assert torch.isfinite(loss), f"bare loop: non-finite loss {loss}"
-    return summarise(times, tokens, args.warmup, peak) | {"rank": rank}
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the base model, as fit's count
+    return summarise(times, tokens, args.warmup, peak) | {"rank": rank, "params": base}
 
 
 def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on") -> argparse.Namespace:
-    """The options of a benchmark built on :func:`run_fit` (this one, ``benchmarks.packing``), checked.
+    """The options of a benchmark built on :func:`run_fit` (this one, ``benchmarks.packing``), checked; such a
+    benchmark applies ``--size`` with :func:`size_overrides`.
 
     Args:
         argv: the command line, or ``None`` for ``sys.argv``.
@@ -219,6 +284,12 @@ def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on"
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--diagnostics", choices=["on", "off"], default=diagnostics, help="the diagnostics callbacks")
+    p.add_argument(
+        "--size",
+        choices=["config", *SIZES],
+        default="config",
+        help="the config's model, or a Llama of this shape with random weights (benchmarks.shapes.SIZES)",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -230,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [f"--{kv}" for kv in args.set]
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
+        overrides += size_overrides(args, Path(tmp))
         cli, fit, host = run_fit(args, overrides, Path(tmp), cuda)
+        shape = model_shape(args.size, cli.model.model)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -242,6 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"precision={cli.trainer.precision}, batch={cli.datamodule.batch_size}, diagnostics {args.diagnostics}, "
         f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}"
     )
+    spec = cli.model.model_spec
+    name = f"size {args.size} (Llama-shaped)" if args.size != "config" else f"size config ({spec.name_or_path})"
+    weights = "random" if spec.random_init else "pretrained"
+    loss = f"LM head in chunks of {cli.model.loss_chunk_size}" if cli.model.loss_chunk_size else "full logits"
+    print(
+        f"model: {name}, d={shape['hidden_size']} x {shape['layers']} layers, vocab {shape['vocab_size']:,}, "
+        f"{shape['params']:,} base parameters ({weights} weights, {spec.dtype}), "
+        f"{shape['trainable']:,} trainable; fit loss: {loss}"
+    )
     print(f"{'loop':<6} {'ms/step':>9} {'tokens/s':>11} {'peak GiB':>9} {'ms x bare':>10} {'mem x bare':>11}")
     for name, r in (("fit", fit), ("bare", bare)):
         mem = f"{r['peak_gib']:>9.2f}" if r["peak_gib"] is not None else f"{'n/a':>9}"
@@ -252,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
-    return {"fit": fit, "bare": bare, "host": host}
+    return {"fit": fit, "bare": bare, "host": host, "model": shape}
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.utils.data import DataLoader
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from benchmarks.train_step import CONFIGS, LAYOUT, SIZES, TARGETS, llama_config
+from benchmarks.shapes import SIZES, llama_config
+from benchmarks.train_step import CONFIGS, LAYOUT, TARGETS
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
 from cgc_lightning.inject import adapter_parameters

@@ -6,6 +6,7 @@ each row padded to the batch's longest; packed, a step trains ``batch_size`` row
 holding as many examples as fit, each attending only to itself and each token routed to its own task's
 experts (per-task losses equal the padded batch's: ``tests/test_packing.py``, float64). Reported per variant:
 median ms per step, non-pad tokens/s, examples per step, peak GPU memory, and packed / padded ratios.
+``--size`` runs both on a Llama shape with random weights, as in :mod:`benchmarks.fit_loop`.
 
     python -m benchmarks.packing --config experiments/gpu.yaml --set data.batch_size=32 --set data.max_length=256
     python -m benchmarks.packing --config experiments/tiny.yaml --steps 2 --warmup 1    # CPU smoke (CI)
@@ -19,23 +20,25 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fit_loop import parse_args, run_fit
+from benchmarks.fit_loop import parse_args, run_fit, size_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__, diagnostics="off")
     cuda = torch.cuda.is_available()
     results, cli = {}, None
-    for name, packing in (("padded", False), ("packed", True)):
-        overrides = [f"--{kv}" for kv in args.set] + [f"--data.packing={str(packing).lower()}"]
-        with tempfile.TemporaryDirectory() as tmp:
-            cli, results[name], _ = run_fit(args, overrides, Path(tmp), cuda)
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as model_dir:
+        sized = size_overrides(args, Path(model_dir))  # one model folder for both runs
+        for name, packing in (("padded", False), ("packed", True)):
+            overrides = [f"--{kv}" for kv in args.set] + sized + [f"--data.packing={str(packing).lower()}"]
+            with tempfile.TemporaryDirectory() as tmp:
+                cli, results[name], _ = run_fit(args, overrides, Path(tmp), cuda)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
     dm, device = cli.datamodule, torch.cuda.get_device_name() if cuda else "cpu"
     print(
-        f"packing: {args.config} {' '.join(args.set)}, method={cli.model.adapter_config.method}, "
+        f"packing: {args.config} {' '.join(args.set)}, size={args.size}, method={cli.model.adapter_config.method}, "
         f"precision={cli.trainer.precision}, rows={dm.batch_size} x max_length={dm.max_length}, diagnostics "
         f"{args.diagnostics}, device={device}; median of {args.steps} steps after {args.warmup}"
     )

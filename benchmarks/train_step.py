@@ -62,22 +62,13 @@ from torch.profiler import profile as torch_profile
 from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.shapes import SIZES, llama_config
 from cgc_lightning.adapters import MoELoRA
 from cgc_lightning.config import AdapterConfig, TaskLayout
 from cgc_lightning.inject import PRESETS, adapted_layers, adapter_parameters, inject_adapters
 from cgc_lightning.module import uses_cuda_graphs
 from cgc_lightning.routing import disable_adapters, route
 
-#: Model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, RoPE theta); no RoPE scaling (same cost).
-SIZES: dict[str, tuple[int, int, int, int, int, int, float]] = {
-    "tiny": (64, 2, 4, 2, 128, 256, 10000.0),
-    # Llama-3.2-1B's depth (16 layers, 112 adapted projections) at a tiny width: on the CPU with a few
-    # tokens, a step is almost all per-operation host time, what bounds the GPU step at 1B, B = 4
-    "host": (64, 16, 4, 2, 128, 256, 10000.0),
-    "135m": (576, 30, 9, 3, 1536, 49152, 100000.0),  # SmolLM2-135M
-    "1b": (2048, 16, 32, 8, 8192, 128256, 500000.0),  # Llama-3.2-1B
-    "3b": (3072, 28, 24, 8, 8192, 128256, 500000.0),  # Llama-3.2-3B
-}
 #: Dense bf16 matrix peak by GPU name (TFLOP/s), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 TARGETS = list(PRESETS["llama"])
@@ -175,24 +166,6 @@ def fused_grads(model: nn.Module) -> list[torch.Tensor]:
     for _, layer in adapted_layers(model):
         grads += [layer.adapter.experts.lora_A.grad, layer.adapter.experts.lora_B.grad]
     return grads
-
-
-def llama_config(size: str) -> LlamaConfig:
-    d, layers, heads, kv_heads, ffn, vocab, theta = SIZES[size]
-    cfg = LlamaConfig(
-        hidden_size=d,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=ffn,
-        vocab_size=vocab,
-        rope_theta=theta,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return cfg
 
 
 def build_base(size: str, device: str, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:

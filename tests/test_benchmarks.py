@@ -24,6 +24,24 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     out = capsys.readouterr().out
     assert "fit loop vs bare PEFT loop" in out and "forward + routing + per-task loss" in out
     assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
+    assert (result["model"]["size"], result["model"]["hidden_size"]) == ("config", 32), "tiny.yaml's fixture model"
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
+
+
+def test_fit_loop_benchmark_runs_both_loops_on_a_named_llama_size(capsys):
+    from benchmarks import fit_loop
+    from benchmarks.shapes import SIZES
+    from cgc_lightning.hf import ModelSpec, load_tokenizer
+
+    args = ["--config", "experiments/tiny.yaml", "--size", "tiny", "--steps", "2", "--warmup", "1"]
+    result = fit_loop.main(args)
+    out = capsys.readouterr().out
+    model, (d, layers, *_) = result["model"], SIZES["tiny"]
+    assert "model: size tiny" in out and f"{model['params']:,} base parameters" in out
+    # the tiny shape, not the fixture model tiny.yaml names (d=32); the vocabulary is its tokenizer's
+    assert (model["hidden_size"], model["layers"]) == (d, layers) != (32, 2)
+    assert model["vocab_size"] == len(load_tokenizer(ModelSpec("tests/fixtures/tiny-llama")))
+    assert result["bare"]["params"] == model["params"], "the bare loop trains the same base model"
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
 
 
