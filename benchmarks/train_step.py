@@ -130,7 +130,7 @@ class LoopMoELoRA(nn.Module):
             a.weight.copy_(fused.experts.lora_A[e])  # (r, d_in)
             b.weight.copy_(fused.experts.lora_B[e].t())  # (d_out, r)
 
-    def forward(self, x, task_ids, cluster_ids, out=None):
+    def forward(self, x, task_ids, cluster_ids, out=None, *, cache=None):  # no per-batch tables: the loop needs none
         """x: (B, T, d_in), task_ids: (B,) -> out + update, (B, T, d_out)."""
         w = self.gate(task_ids)  # (B, E)
         result = 0 if out is None else out
