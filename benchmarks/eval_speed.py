@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from benchmarks.fit_loop import build_cli
+
 
 class KindTimer(Callback):
     """Seconds and examples per kind of evaluation batch (choice, text), from synchronised batch boundaries."""
@@ -56,27 +58,7 @@ class KindTimer(Callback):
 
 
 def build(args, store: Path):
-    from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
-    from cgc_lightning.module import MultiTaskLoRAModule
-    from cgc_lightning.tracking import MLflowConfigCallback
-    from datamodules.multitask import MultiTaskDataModule
-
-    return CGCLightningCLI(
-        MultiTaskLoRAModule,
-        MultiTaskDataModule,
-        save_config_callback=MLflowConfigCallback,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=[
-            "--config",
-            args.config,
-            *[f"--{kv}" for kv in args.set],
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={store / 'outputs'}",
-            f"--trainer.logger.init_args.tracking_uri=sqlite:///{store / 'mlflow.db'}",
-            "--trainer.logger.init_args.experiment_name=eval-benchmark",
-        ],
-        run=False,
-    )
+    return build_cli(args.config, [f"--{kv}" for kv in args.set], store, "eval-benchmark")
 
 
 def one_pass(cli, split: str, mix: bool, cuda: bool) -> dict:

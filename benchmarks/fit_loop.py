@@ -179,40 +179,47 @@ def host_time(profiler, steps: int, step_ms: float) -> dict[str, float]:
     return out
 
 
-def run_fit(args, overrides: list[str], store: Path, cuda: bool):
+def build_cli(config: str, args: list[str], store: Path, experiment: str):
+    """The CLI's module, data module and trainer for ``config`` plus ``args``, not run; MLflow logs and outputs go
+    to a throw-away ``store`` folder."""
     from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
     from cgc_lightning.module import MultiTaskLoRAModule
     from cgc_lightning.tracking import MLflowConfigCallback
     from datamodules.multitask import MultiTaskDataModule
 
-    total = args.warmup + args.steps
-    off = (
-        [f"--{c}.enabled=false" for c in ("seesaw", "grad_conflict", "gate_usage")] if args.diagnostics == "off" else []
-    )
-    cli = CGCLightningCLI(
+    return CGCLightningCLI(
         MultiTaskLoRAModule,
         MultiTaskDataModule,
         save_config_callback=MLflowConfigCallback,
         trainer_defaults=TRAINER_DEFAULTS,
         args=[
             "--config",
-            args.config,
-            *overrides,
-            *off,
-            f"--trainer.max_steps={total}",
-            f"--trainer.val_check_interval={total + 1}",
-            "--trainer.check_val_every_n_epoch=null",
-            "--trainer.num_sanity_val_steps=0",
+            config,
+            *args,
             "--trainer.enable_progress_bar=false",
-            # the per-hook host times; its report goes to a file, not the screen
-            '--trainer.profiler={"class_path": "lightning.pytorch.profilers.SimpleProfiler", '
-            f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
             f"--trainer.default_root_dir={store / 'outputs'}",
             f"--trainer.logger.init_args.tracking_uri=sqlite:///{store / 'mlflow.db'}",
-            "--trainer.logger.init_args.experiment_name=fit-loop-benchmark",
+            f"--trainer.logger.init_args.experiment_name={experiment}",
         ],
         run=False,
     )
+
+
+def run_fit(args, overrides: list[str], store: Path, cuda: bool):
+    total = args.warmup + args.steps
+    off = (
+        [f"--{c}.enabled=false" for c in ("seesaw", "grad_conflict", "gate_usage")] if args.diagnostics == "off" else []
+    )
+    timed = [
+        f"--trainer.max_steps={total}",
+        f"--trainer.val_check_interval={total + 1}",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.num_sanity_val_steps=0",
+        # the per-hook host times; its report goes to a file, not the screen
+        '--trainer.profiler={"class_path": "lightning.pytorch.profilers.SimpleProfiler", '
+        f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
+    ]
+    cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark")
     timer = StepTimer(cuda)
     cli.trainer.callbacks.append(timer)
     if cuda:
