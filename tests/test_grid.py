@@ -8,6 +8,7 @@ import io
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -279,10 +280,6 @@ def test_finished_points_are_skipped_and_the_rest_emitted_for_a_scheduler(tmp_pa
 def test_a_point_between_its_fit_and_its_test_is_busy_while_its_owner_lives(tmp_path, monkeypatch):
     """A second grid on the same store used to test such a point again: ``fit`` ends the run FINISHED, and an owner
     was only believed while the run was RUNNING."""
-    import socket
-    import subprocess
-    import sys
-
     cfg, base_path, points, store, parent = _tiny_grid_store(tmp_path, monkeypatch)
     run_id = _fake_finished_run(store, parent, points[0], {"plausible": 0.5})  # fit done, test metrics missing
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
