@@ -12,7 +12,8 @@ their own, nested under the run, the router stage and the test in the run itself
 ``last.ckpt`` is resumed from it in the same run (:func:`resume_plan`), one whose fit finished is only tested.
 
 Who uses it: ``compare`` runs each method in a child process (``compare --child``) with its output in a log file,
-``grid`` each point (``grid --point``); ``stages`` runs its stages in its own process, one after another.
+``grid`` each point (``grid --point``, side by side), ``stages`` each stage (``stages --child``, one after
+another).
 """
 
 from __future__ import annotations

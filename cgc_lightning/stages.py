@@ -11,8 +11,8 @@ the chain is one parent run (tags ``method``, ``stages``; per-stage times as met
 ``stages.adapter``, the last stage's ``best_adapter`` URI, for adding a domain later) with one child run
 per stage (tags ``mlflow.parentRunId``, ``stage``, ``stage.index``). Each child records its training time
 (:class:`StageTimer`): ``time/train_steps_s`` (forward, backward and optimizer steps only),
-``time/fit_s`` (the whole ``fit``, validation included) and ``time/stage_wall_s`` (model and data
-loading too).
+``time/fit_s`` (the whole ``fit``, validation included) and ``time/stage_wall_s`` (from the start of the
+stage's process to the end of its fit: start-up, imports, model and data loading too).
 
 A stages config (YAML)::
 
@@ -30,12 +30,18 @@ A stages config (YAML)::
 
 Stage configs live in ``experiments/stages/``, apart from the experiment configs they point to. The nested form
 of earlier configs (``overrides: {trainer: {max_steps: 20}}``) is still read, with a warning. Each stage is a
-point run by :mod:`cgc_lightning.driver`, in this process, one after another.
+point run by :mod:`cgc_lightning.driver` in a process of its own (``stages --child``, as ``compare --child`` and
+``grid --point``), one after another: its config, output (``<i>_<name>.log``, also its run's artifact ``logs/``)
+and result (``.json``: checkpoints and times, read by this process) lie in ``<default_root_dir>/stages/<parent
+run id>/``. A stage that fails ends the chain: its run and the parent are marked FAILED, and the error ends with
+the end of its log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -206,6 +212,10 @@ def stage_config(
     return config
 
 
+#: A stage's times: its :class:`StageTimer`'s and ``wall_s``; on its run and, as ``time/<stage>/<key>``, its parent.
+TIMES = ("train_steps_s", "train_steps_cpu_s", "fit_s", "wall_s")
+
+
 @dataclass
 class StageResult:
     """What one stage's ``fit`` left."""
@@ -219,11 +229,58 @@ class StageResult:
     train_steps_cpu_s: float
     fit_s: float
     wall_s: float
+    """From the start of the stage's process to the end of its fit: interpreter start-up and imports, model and data
+    loading, and the fit; not the last stage's test. What a stage costs, start-up included."""
+
+
+def run_stage(config_path: str | Path, *, test: bool) -> None:
+    """One stage in this process (``stages --child``, started by :func:`run_stages`): ``fit`` with the stage's
+    config, then, with ``test``, ``test`` of its best checkpoint into its run.
+
+    What the fit left, its checkpoints, :class:`StageTimer`'s times and when it ended (``fit_end``, seconds since
+    the epoch), goes to ``<config>.json`` for the chain to read.
+    """
+    config_path = Path(config_path)
+    args = ["--config", str(config_path)]
+    run_id = yaml.safe_load(config_path.read_text())["trainer"]["logger"]["init_args"].get("run_id")
+    print(f"stage {config_path.stem}: process {os.getpid()}, run {run_id}", flush=True)
+    fitted = driver.fit_and_test(args, what=f"stage {config_path.stem!r}", test=False)
+    fit_end = time.time()
+    timer = next(c for c in fitted.trainer.callbacks if isinstance(c, StageTimer))
+    if fitted.trainer.is_global_zero:
+        times = {k: getattr(timer, k) for k in TIMES if k != "wall_s"}
+        left = {"run_id": fitted.run_id, "best": fitted.best, "last": fitted.last, **times, "fit_end": fit_end}
+        config_path.with_suffix(".json").write_text(json.dumps(left, indent=1))
+    if test:
+        driver.test_checkpoint(args, fitted.best, fitted.run_id)
+
+
+def _stage_process(client, config_path: Path, run_id: str, *, test: bool, what: str) -> dict:
+    """Run one stage in a process of its own (:func:`run_stage`, through :func:`cgc_lightning.driver.run_logged`),
+    its output in ``<config>.log``, which also goes to its run (artifact ``logs/``, as a grid point's log goes to
+    the point's run); what its fit left, with ``wall_s``.
+
+    Raises:
+        RuntimeError: the stage's process failed; the message ends with the end of its log.
+    """
+    log = config_path.with_suffix(".log")
+    command = driver.child_command("stages", "--child", str(config_path), *(["--test"] if test else []))
+    launched = time.time()
+    returncode = driver.run_logged(command, log)
+    client.log_artifact(run_id, str(log), "logs")
+    if returncode:
+        if client.get_run(run_id).info.status == "RUNNING":  # the process died before it could end its run
+            client.set_terminated(run_id, "FAILED")
+        tail = driver.log_tail(log, 30)
+        raise RuntimeError(f"{what} failed (exit {returncode}); end of its log {log}:\n{tail}")
+    left = json.loads(config_path.with_suffix(".json").read_text())
+    return left | {"wall_s": left["fit_end"] - launched}
 
 
 def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple[str, list[StageResult]]:
-    """Train the stages in order, in this process, as child runs of a new parent run (each one fit, and the last
-    one's test, by :func:`cgc_lightning.driver.fit_and_test`).
+    """Train the stages in order as child runs of a new parent run, each in a process of its own (:func:`run_stage`:
+    its fit, and the last one's test, by :func:`cgc_lightning.driver.fit_and_test`), with its config, output
+    (``.log``) and result (``.json``) under ``<trainer.default_root_dir>/stages/<parent run id>/``.
 
     Returns:
         The parent run id and each stage's result.
@@ -270,36 +327,34 @@ def run_stages(cfg: StagesConfig, base: dict, *, label: str = "stages") -> tuple
                 run_name=named(f"{method}:{spec.name}", seed_text(spec.overrides.get("seed_everything", seed))),
                 tags=tags,
             )
+            # the stage's run is made here, so it is known (and marked FAILED) even if its process dies early
+            logged = config["trainer"]["logger"]["init_args"]
+            logged["run_id"] = run_id = MLflowLogger(
+                experiment_name=experiment, run_name=logged["run_name"], tracking_uri=tracking_uri, tags=logged["tags"]
+            ).run_id
             path = work / f"{i}_{spec.name}.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             print(f"[{i + 1}/{len(cfg.stages)}] stage {spec.name} ({spec.stage}) from {init_adapter} ...", flush=True)
-            start = time.perf_counter()
-            args = ["--config", str(path)]
-            fitted = driver.fit_and_test(args, what=f"stage {spec.name!r}", test=False)
-            wall = time.perf_counter() - start
-            run_id = fitted.run_id
-            chosen = fitted.best if cfg.checkpoint == "best" else fitted.last
+            log = path.with_suffix(".log")
+            print(f"[{i + 1}/{len(cfg.stages)}] stage {spec.name}: config {path}, log {log}", flush=True)
+            test = cfg.test and i == len(cfg.stages) - 1
+            fitted = _stage_process(client, path, run_id, test=test, what=f"stage {spec.name!r}")
+            chosen = fitted[cfg.checkpoint]
             if not chosen:
-                raise RuntimeError(f"stage {spec.name!r} saved no {cfg.checkpoint} checkpoint (see {path})")
-            timer = next(c for c in fitted.trainer.callbacks if isinstance(c, StageTimer))
-            client.log_metric(run_id, "time/stage_wall_s", wall)
-            result = StageResult(
-                spec.name, spec.stage, run_id, chosen, timer.train_steps_s, timer.train_steps_cpu_s, timer.fit_s, wall
-            )
-            for key in ("train_steps_s", "train_steps_cpu_s", "fit_s", "wall_s"):
+                raise RuntimeError(f"stage {spec.name!r} saved no {cfg.checkpoint} checkpoint (see {log})")
+            client.log_metric(run_id, "time/stage_wall_s", fitted["wall_s"])
+            result = StageResult(spec.name, spec.stage, run_id, chosen, *(fitted[k] for k in TIMES))
+            for key in TIMES:
                 client.log_metric(parent_id, f"time/{spec.name}/{key}", getattr(result, key), step=i)
             results.append(result)
             print(
                 f"[{i + 1}/{len(cfg.stages)}] stage {spec.name}: run {run_id}, training steps "
-                f"{timer.train_steps_s:.1f} s, fit {timer.fit_s:.1f} s, wall {wall:.1f} s",
+                f"{result.train_steps_s:.1f} s, fit {result.fit_s:.1f} s, wall {result.wall_s:.1f} s",
                 flush=True,
             )
-            if cfg.test and i == len(cfg.stages) - 1:
-                driver.test_checkpoint(args, fitted.best, run_id)
-            del fitted  # its trainer holds the model
             init_adapter = chosen
         last = results[-1]
-        for key in ("train_steps_s", "train_steps_cpu_s", "fit_s", "wall_s"):
+        for key in TIMES:
             client.log_metric(parent_id, f"time/total/{key}", sum(getattr(r, key) for r in results))
         final = client.get_run(last.run_id).data.metrics
         client.log_batch(
@@ -330,10 +385,17 @@ def format_table(results: list[StageResult]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> tuple[str, list[StageResult]]:
+def main(argv: list[str] | None = None) -> tuple[str, list[StageResult]] | None:
     parser = argparse.ArgumentParser(prog="python -m cgc_lightning stages", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a stages config (experiments/stages/*.yaml)")
+    parser.add_argument("--config", help="a stages config (experiments/stages/*.yaml)")
     parser.add_argument("--init_adapter", help="the adapter the first stage starts from; overrides the file's")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one stage's config, fitted in this process
+    parser.add_argument("--test", action="store_true", help=argparse.SUPPRESS)  # with --child: test it after
     args = parser.parse_args(argv)
+    if args.child:
+        run_stage(args.child, test=args.test)
+        return None
+    if not args.config:
+        parser.error("the following arguments are required: --config")
     cfg, base = load_config(args.config, args.init_adapter)
     return run_stages(cfg, base, label=Path(args.config).stem)

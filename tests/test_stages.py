@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cgc_lightning.cli import CGCLightningCLI
+from cgc_lightning.configs import get_key, set_key
 from cgc_lightning.module import MultiTaskLoRAModule
 from cgc_lightning.stages import StageSpec, load_config, stage_config
 from datamodules.multitask import MultiTaskDataModule
@@ -177,7 +179,7 @@ def test_three_stages_then_a_new_domain_read_back_from_mlflow(tmp_path, monkeypa
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
     monkeypatch.chdir(cwd)
-    stages(["--config", str(grow), "--init_adapter", adapter_uri])  # in this process: no second start-up
+    stages(["--config", str(grow), "--init_adapter", adapter_uri])  # the chain in this process, its stages not
     (grown,) = client.search_runs([exp], f"tags.`stages.role` = 'parent' and attributes.run_id != '{pid}'")
     assert grown.data.params["init_adapter"] == adapter_uri
     g_children = client.search_runs(
@@ -194,3 +196,101 @@ def test_three_stages_then_a_new_domain_read_back_from_mlflow(tmp_path, monkeypa
     for k in routers:
         assert torch.equal(g2[k][:2], s3[k]) and torch.equal(g2[k][2], torch.zeros_like(g2[k][2])), k
     assert any(not torch.equal(g3[k], g2[k]) for k in routers)
+
+
+def test_a_failing_stage_process_ends_the_chain_with_its_log_tail(tmp_path, monkeypatch):
+    """The chain's side, each stage's process replaced by a stand-in (a real one loads a model: seconds): the first
+    stage hands its result and checkpoint on, the second fails; the error ends with its log, runs are FAILED."""
+    from mlflow import MlflowClient
+
+    from cgc_lightning import driver
+    from cgc_lightning.stages import StagesConfig, run_stages
+
+    stand_in = """import json, os, sys
+from pathlib import Path
+config = Path(sys.argv[2])
+print(f"stage {config.stem}: process {os.getpid()}", flush=True)
+if config.stem == "1_domain":
+    print("Traceback: out of memory", flush=True)
+    sys.exit(3)
+left = {"best": "u/best.ckpt", "last": "u/last.ckpt", "train_steps_s": 1.5, "train_steps_cpu_s": 2.5, "fit_s": 4.0}
+config.with_suffix(".json").write_text(json.dumps({**left, "fit_end": __import__("time").time()}))
+"""
+    monkeypatch.setattr(driver, "child_command", lambda tool, *args: [sys.executable, "-c", stand_in, *args])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = {"class_path": "cgc_lightning.tracking.MLflowLogger", "init_args": {"experiment_name": "fake"}}
+    base = {"trainer": {"default_root_dir": str(tmp_path / "outputs"), "logger": logger}}
+    set_key(base, "trainer.logger.init_args.tracking_uri", uri)
+    cfg = StagesConfig(base=base, stages=[{"stage": "universal"}, {"stage": "domain"}, {"stage": "router"}])
+    with pytest.raises(RuntimeError, match=r"stage 'domain' failed \(exit 3\); end of its log (.*)1_domain\.log:\n"):
+        run_stages(cfg, base)
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fake").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`stages.role` = 'parent'")
+    assert parent.info.status == "FAILED"
+    pid = parent.info.run_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}'", order_by=["tags.`stage.index` ASC"])
+    assert [r.data.tags["stage"] for r in runs] == ["universal", "domain"]  # the router stage never started
+    first, failed = runs
+    assert failed.info.status == "FAILED"  # its process died without ending its run: the chain ended it
+    # the first stage's result reached its run and the parent; its best checkpoint is where the second one started
+    times = parent.data.metrics
+    assert times["time/universal/train_steps_s"] == 1.5 and times["time/universal/fit_s"] == 4
+    assert 0 < first.data.metrics["time/stage_wall_s"] == times["time/universal/wall_s"]
+    work = tmp_path / "outputs" / "stages" / pid
+    assert get_key(yaml.safe_load((work / "1_domain.yaml").read_text()), "model.adapter.init_adapter") == "u/best.ckpt"
+    # each stage's log is an artifact of its run, and holds that process's output alone
+    pids = set()
+    for i, run in enumerate(runs):
+        (log,) = client.list_artifacts(run.info.run_id, "logs")
+        text = Path(client.download_artifacts(run.info.run_id, log.path, str(tmp_path / str(i)))).read_text()
+        assert text == (work / Path(log.path).name).read_text()
+        assert text.startswith(f"stage {i}_{run.data.tags['stage']}: process ")
+        pids.add(text.split()[3])
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    assert text.endswith("Traceback: out of memory\n")
+
+
+@pytest.mark.slow
+def test_each_stage_runs_in_a_process_of_its_own_and_a_killed_one_fails_the_chain(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from cgc_lightning import driver
+    from cgc_lightning.stages import main as stages
+
+    cwd = workdir(tmp_path)
+    kill = {"trainer.callbacks": [{"class_path": "tests.crash.SigkillAt", "init_args": {"step": 1}}]}
+    chain = [{"stage": "universal"}, {"stage": "domain", "overrides": kill}, {"stage": "router"}]
+    path = quick(cwd, "killed.yaml", "modula_tiny.yaml", stages=chain, experiment_name="killed")
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    # not the default, relative URI: MLflow keeps one store per URI in this process, whatever the working directory
+    uri = f"sqlite:///{cwd}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the stages' processes import this checkout
+    monkeypatch.chdir(cwd)
+    with pytest.raises(RuntimeError, match=r"stage 'domain' failed \(exit -9\); end of its log") as failed:
+        stages(["--config", str(path)])
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("killed").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`stages.role` = 'parent'")
+    assert parent.info.status == "FAILED"
+    runs = client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", order_by=["tags.`stage.index` ASC"]
+    )
+    # the killed stage's process could not end its run: the chain marked it FAILED; the router stage never started
+    assert [(r.data.tags["stage"], r.info.status) for r in runs] == [("universal", "FINISHED"), ("domain", "FAILED")]
+    texts = []
+    for i, run in enumerate(runs):
+        log = f"logs/{i}_{run.data.tags['stage']}.log"
+        texts.append(Path(client.download_artifacts(run.info.run_id, log, str(tmp_path / str(i)))).read_text())
+        first = texts[-1].splitlines()[0].split()
+        assert first[:3] == ["stage", f"{i}_{run.data.tags['stage']}:", "process"] and first[-1] == run.info.run_id
+    pids = {t.split()[3].rstrip(",") for t in texts}
+    assert len(pids) == 2 and str(os.getpid()) not in pids, "each stage runs in a process of its own"
+    # each log holds its own stage's output: the first fit reached max_steps, the second was killed at step 1
+    assert "`max_steps=2` reached" in texts[0] and "reached" not in texts[1]
+    log = cwd / "outputs" / "stages" / parent.info.run_id / "1_domain.log"
+    assert texts[1] == log.read_text() and driver.log_tail(log, 30) in str(failed.value)
