@@ -15,6 +15,7 @@ from cgc_lightning.examples import log_examples
 from cgc_lightning.loss import IGNORE, token_losses, upcast
 from cgc_lightning.routing import route
 from cgc_lightning.tracking import mlflow_logger
+from datamodules.collate import group_rows
 
 
 class LineEndTable:
@@ -80,8 +81,12 @@ class EvaluationMixin:
         acc[0] += task_sum
         acc[1] += task_tokens
         record = stage == "test" or (stage == "val" and self.log_val_examples)
-        groups = batch["task_rows"]
-        if batch["kind"] == "choice":
+        groups = group_rows(batch)
+        kind = batch.get("kind")
+        if kind is None:  # a batch of one's own loader: by choices where every task of it is scored by choice
+            choice = all(self.metrics[stage][t].name == "accuracy" for t in groups)
+            kind = "choice" if choice and "choice_input_ids" in batch else "text"
+        if kind == "choice":
             picked = self._choice_predictions(batch)
             correct = picked == batch["target_index"]
             for task, rows in groups.items():

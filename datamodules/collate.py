@@ -146,6 +146,19 @@ def eval_batches(rows: list[dict], task_metrics: list[str], batch_size: int, by_
     return batches
 
 
+def group_rows(batch: dict) -> dict[int, list[int]]:
+    """``batch["task_rows"]`` (``{task id: [row, ...]}``), built from ``task_ids`` (one host sync) and stored, with
+    ``task_index``, when the batch did not come from :class:`EvalCollator` (a loader of one's own)."""
+    if "task_rows" not in batch:
+        ids = batch["task_ids"]
+        rows: dict[int, list[int]] = {}
+        for i, t in enumerate(ids.tolist()):
+            rows.setdefault(t, []).append(i)
+        batch["task_rows"] = rows
+        batch["task_index"] = {t: torch.tensor(r, dtype=torch.long, device=ids.device) for t, r in rows.items()}
+    return batch["task_rows"]
+
+
 class EvalCollator:
     """Pads one item of :func:`eval_batches` into a batch (:class:`Collator` in eval mode) that also carries its
     ``kind``, ``task_rows``: ``{task id: [row, ...]}`` (host lists) and ``task_index``: the same as tensors, which

@@ -205,3 +205,33 @@ def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
     for key, value in per_task.items():
         assert mixed[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert mixed_rows == per_task_rows and len(mixed_rows) == sum(c["test"] for c in dm.example_counts().values())
+
+
+def test_batches_of_ones_own_loader_without_task_groups_are_scored_too(tmp_path):
+    """A loader of one's own (the plain ``Collator``, no ``kind``/``task_rows``): each task's rows are found from
+    ``task_ids`` and a batch of choice tasks is scored by its choices, as the data module's batches are."""
+    from datamodules.collate import Collator
+
+    torch.manual_seed(0)
+    dm = make_dm(tmp_path, max_eval_examples=6)
+    dm.setup("test")
+    module = MultiTaskLoRAModule(
+        ModelSpec(name_or_path=family_dir(tmp_path, "llama"), random_init=True, dtype="float64"),
+        adapter=AdapterConfig(method="cgc_lora", r=4),
+        task_names=dm.task_names,
+        task_clusters=dm.task_clusters,
+        task_metrics=dm.task_metrics,
+        max_new_tokens=4,
+    ).eval()
+    plain = Collator(dm.tokenizer.pad_token_id, dm.task_cluster_ids, eval_mode=True)
+    with torch.no_grad():
+        for rows in dm._build()["test"]:
+            module._eval_step(plain(rows), "test")
+        ours = {t: module.metrics["test"][i].compute().item() for i, t in enumerate(dm.task_names)}
+        for m in module.metrics["test"]:
+            m.reset()
+        for loader in dm._eval_loaders("test", mix=True):
+            for batch in loader:
+                module._eval_step(batch, "test")
+    assert ours == {t: module.metrics["test"][i].compute().item() for i, t in enumerate(dm.task_names)}
+    assert module.examples.pop("test"), "per-example rows recorded from the plain batches too"

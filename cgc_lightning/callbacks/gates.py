@@ -30,6 +30,7 @@ from cgc_lightning.inject import adapted_layers, injection
 from cgc_lightning.methods import method_spec
 from cgc_lightning.routing import route
 from cgc_lightning.tracking import mlflow_logger
+from datamodules.collate import group_rows
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class GateUsageMonitor(Callback):
                 self._counted = [0] * len(pl_module.layout.tasks)
             # each task's rows of this batch (host lists) up to its quota
             keep = torch.zeros(batch["attention_mask"].shape[0], dtype=torch.bool)
-            for task, rows in batch["task_rows"].items():
+            for task, rows in group_rows(batch).items():
                 take = rows[: max(0, self.examples_per_task - self._counted[task])]
                 keep[take] = True
                 self._counted[task] += len(take)
