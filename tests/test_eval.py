@@ -168,11 +168,10 @@ def test_the_line_end_table_stops_where_decoding_the_whole_continuation_would():
     assert 0 < int(ended.sum()) < B, "some rows end and some do not"
 
 
-def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
-    """The same model scores the same examples the same, whether a batch holds one task or several (float64):
-    per-task metrics and losses, and every per-example record."""
+def _test_split_and_model(tmp_path, max_new_tokens: int, **data) -> tuple:
+    """The fixture tasks' test split (6 examples a task) and a float64 tiny Llama with CGC-LoRA for them."""
     torch.manual_seed(0)
-    dm = make_dm(tmp_path, max_eval_examples=6, eval_batch_size=4)
+    dm = make_dm(tmp_path, max_eval_examples=6, **data)
     dm.setup("test")
     module = MultiTaskLoRAModule(
         ModelSpec(name_or_path=family_dir(tmp_path, "llama"), random_init=True, dtype="float64"),
@@ -180,8 +179,15 @@ def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
         task_names=dm.task_names,
         task_clusters=dm.task_clusters,
         task_metrics=dm.task_metrics,
-        max_new_tokens=6,
+        max_new_tokens=max_new_tokens,
     ).eval()
+    return dm, module
+
+
+def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
+    """The same model scores the same examples the same, whether a batch holds one task or several (float64):
+    per-task metrics and losses, and every per-example record."""
+    dm, module = _test_split_and_model(tmp_path, max_new_tokens=6, eval_batch_size=4)
     with torch.no_grad():
         for _, p in adapter_parameters(module.model):
             p.normal_(0, 0.3)
@@ -212,17 +218,7 @@ def test_batches_of_ones_own_loader_without_task_groups_are_scored_too(tmp_path)
     ``task_ids`` and a batch of choice tasks is scored by its choices, as the data module's batches are."""
     from datamodules.collate import Collator
 
-    torch.manual_seed(0)
-    dm = make_dm(tmp_path, max_eval_examples=6)
-    dm.setup("test")
-    module = MultiTaskLoRAModule(
-        ModelSpec(name_or_path=family_dir(tmp_path, "llama"), random_init=True, dtype="float64"),
-        adapter=AdapterConfig(method="cgc_lora", r=4),
-        task_names=dm.task_names,
-        task_clusters=dm.task_clusters,
-        task_metrics=dm.task_metrics,
-        max_new_tokens=4,
-    ).eval()
+    dm, module = _test_split_and_model(tmp_path, max_new_tokens=4)
     plain = Collator(dm.tokenizer.pad_token_id, dm.task_cluster_ids, eval_mode=True)
     with torch.no_grad():
         for rows in dm._build()["test"]:
