@@ -10,14 +10,18 @@ relative). The universal and domain stages log into their own MLflow runs, child
 checkpoint, so the point is reported like any other method. A point pinned to one stage
 (``model.adapter.stage: router``) runs that stage alone, as before.
 
-A chain interrupted before its last stage starts again from its first stage when the grid is run again.
+A chain interrupted part way continues where it stopped when the grid is run again: a stage whose fit finished
+(its run FINISHED, a checkpoint in its folder) is not trained again, the stage that was cut off resumes from its
+``last.ckpt`` in its own run, and later stages run as usual (:class:`StageRun` says which, per stage).
 """
 
 from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cgc_lightning.config import MODULA_METHODS
 
@@ -45,6 +49,17 @@ def stage_steps(max_steps: int, split: dict[str, float] | None) -> dict[str, int
     return steps
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """The MLflow run a stage logs into, its checkpoint folder, and what the stage still has to do there."""
+
+    run_id: str
+    folder: Path
+    state: Literal["new", "resume", "done"] = "new"
+    """``new``: fit from the start; ``resume``: continue the fit from ``folder/last.ckpt``; ``done``: its fit
+    finished (its best checkpoint is in ``folder``), the chain goes on from there."""
+
+
 def best_checkpoint(folder: Path) -> Path | None:
     return next((p for p in (folder / "best.ckpt", folder / "last.ckpt") if zipfile.is_zipfile(p)), None)
 
@@ -55,28 +70,33 @@ def run_chain(
     max_steps: int,
     val_every: int | None,
     split: dict[str, float] | None,
-    new_stage_run: Callable[[str], tuple[str, Path]],
-    point_run: tuple[str, Path],
+    stage_run: Callable[[str], StageRun],
+    point_run: StageRun,
 ) -> None:
-    """Fit the three stages; the router stage into ``point_run`` (its run id and checkpoint folder).
+    """Fit the stages that are not done yet; the router stage into ``point_run``.
 
     ``fit(args)`` runs ``python -m cgc_lightning fit`` with ``common`` + ``args`` in this process;
-    ``new_stage_run(stage)`` makes the child run of an earlier stage and returns its id and checkpoint folder.
+    ``stage_run(stage)`` gives the run of an earlier stage (made, or found again from an interrupted chain).
     Each stage validates every ``val_every`` steps (the point's ``trainer.val_check_interval``) and at its end.
     """
     steps = stage_steps(max_steps, split)
     previous: Path | None = None
     for stage in STAGE_ORDER:
-        run_id, ckpts = point_run if stage == "router" else new_stage_run(stage)
+        run = point_run if stage == "router" else stage_run(stage)
+        if run.state == "done" and best_checkpoint(run.folder) is not None:
+            previous = best_checkpoint(run.folder)
+            continue
         args = [
             f"--model.adapter.stage={stage}",
             f"--trainer.max_steps={steps[stage]}",
             f"--trainer.val_check_interval={min(steps[stage], val_every or steps[stage])}",
-            f"--trainer.logger.init_args.run_id={run_id}",
+            f"--trainer.logger.init_args.run_id={run.run_id}",
         ]
         if previous is not None:
             args.append(f"--model.adapter.init_adapter={previous}")
+        if run.state == "resume":  # the same run, its steps not logged twice
+            args += ["--ckpt_path", str(run.folder / "last.ckpt"), "--trainer.logger.init_args.resume=true"]
         fit([*common, *args])
-        previous = best_checkpoint(ckpts)
+        previous = best_checkpoint(run.folder)
         if previous is None:
-            raise RuntimeError(f"MoDULA stage {stage}: fit wrote no checkpoint under {ckpts}")
+            raise RuntimeError(f"MoDULA stage {stage}: fit wrote no checkpoint under {run.folder}")

@@ -189,11 +189,11 @@ def fit_and_test(config_path: str | Path) -> str:
     method_run = client.create_run(exp_id, run_name=run_name, tags=init.get("tags") or {}).info.run_id
     root = Path(init.get("checkpoint_dir") or "outputs")
 
-    def stage_run(stage: str) -> tuple[str, Path]:  # the earlier stages' runs belong to the method's, not the compare
+    def stage_run(stage: str) -> chain.StageRun:  # the earlier stages' runs belong to the method's, not the compare
         tags = {driver.PARENT_TAG: method_run, chain.STAGE_RUN_TAG: stage}
         stage_name = child_run_name(name, config, f"stage={stage}")
         run_id = client.create_run(exp_id, run_name=stage_name, tags=tags).info.run_id
-        return run_id, root / exp_id / run_id / "checkpoints"
+        return chain.StageRun(run_id, root / exp_id / run_id / "checkpoints")
 
     ckpts = root / exp_id / method_run / "checkpoints"
     chained = driver.Chain.of(config, None, stage_run)  # equal thirds of max_steps

@@ -86,11 +86,11 @@ class Chain:
     """Each stage validates every this many steps (and at its end)."""
     split: dict[str, float] | None
     """Shares of ``max_steps`` per stage; ``None``: equal thirds."""
-    stage_run: Callable[[str], tuple[str, Path]]
-    """Makes the child run of an earlier stage; returns its id and checkpoint folder."""
+    stage_run: Callable[[str], chain.StageRun]
+    """The child run of an earlier stage: made, or found again (and how far it got) when resuming."""
 
     @classmethod
-    def of(cls, config: dict, split: dict[str, float] | None, stage_run: Callable[[str], tuple[str, Path]]) -> Chain:
+    def of(cls, config: dict, split: dict[str, float] | None, stage_run: Callable[[str], chain.StageRun]) -> Chain:
         trainer = config.get("trainer") or {}
         val_every = trainer.get("val_check_interval")
         return cls(
@@ -163,7 +163,7 @@ def fit_and_test(
                 chained.val_every,
                 chained.split,
                 chained.stage_run,
-                (run_id, folder),
+                chain.StageRun(run_id, folder, "resume" if resume else "new"),
             )
         else:
             extra = (

@@ -27,11 +27,11 @@ class HangAt(Callback):
     waits for the token, then kills. Later processes (a resumed run) find the token taken and run on.
     """
 
-    def __init__(self, step: int, token: str):
-        self.step, self.token = step, token
+    def __init__(self, step: int, token: str, stage: str | None = None):
+        self.step, self.token, self.stage = step, token, stage  # stage: only in this MoDULA stage's fit
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step != self.step:
+        if trainer.global_step != self.step or self.stage not in (None, pl_module.adapter_config.stage):
             return
         try:
             fd = os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

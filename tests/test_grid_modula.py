@@ -77,6 +77,77 @@ def test_a_modula_point_runs_three_stages_and_reports_like_any_other(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_modula_point_killed_in_its_domain_stage_continues_where_it_stopped(tmp_path):
+    """Kill a grid while its MoDULA point hangs in the domain stage (after a checkpoint); run it again: the
+    universal stage is not trained again, the domain stage resumes in its own run, the router stage follows."""
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    token = tmp_path / "hanging_run"
+    config = yaml.safe_load((ROOT / "experiments/grids/tiny.yaml").read_text())
+    config["overrides"] |= {
+        "trainer.max_steps": 12,
+        "trainer.val_check_interval": 2,
+        "trainer.log_every_n_steps": 1,
+        "trainer.callbacks": [
+            {"class_path": "tests.crash.HangAt", "init_args": {"step": 3, "token": str(token), "stage": "domain"}}
+        ],
+    }
+    config["axes"] = {"model.adapter.method": ["modula_res"]}
+    config.pop("reference", None)
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))  # stages of 4 steps each, a checkpoint every 2
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "cgc_lightning", "grid", "--config", "grid.yaml"]
+    with open(tmp_path / "first.out", "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while not token.is_file() and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
+            time.sleep(0.2)
+        assert token.is_file(), (tmp_path / "first.out").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the grid and its point, as a lost machine would
+        proc.wait()
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("tiny-grid").experiment_id
+
+    def stage_runs() -> dict:
+        runs = client.search_runs([exp], "tags.`grid.modula_stage` != ''")
+        return {r.data.tags["grid.modula_stage"]: r for r in runs}
+
+    before = stage_runs()
+    assert before["universal"].info.status == "FINISHED" and before["domain"].info.status == "RUNNING"
+    assert token.read_text() == before["domain"].info.run_id
+    (cut,) = tmp_path.glob(f"outputs/*/{before['domain'].info.run_id}/checkpoints/last.ckpt")
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    (point,) = client.search_runs([exp], "tags.`grid.role` = 'point'")
+    assert point.info.status == "FINISHED" and "test/avg/score" in point.data.metrics
+    after = stage_runs()
+    assert {s: r.info.run_id for s, r in after.items()} == {s: r.info.run_id for s, r in before.items()}, (
+        "each earlier stage kept its own run"
+    )
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    assert all(r.data.tags["mlflow.parentRunId"] == point.info.run_id for r in after.values()), "nested under the point"
+
+    def steps(run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+
+    assert steps(after["universal"].info.run_id) == [0, 1, 2, 3], "the finished universal stage was not trained again"
+    assert steps(after["domain"].info.run_id) == [0, 1, 2, 3], "the domain stage resumed, no step logged twice"
+    assert steps(point.info.run_id) == [0, 1, 2, 3], "the router stage in the point's run"
+
+
+@pytest.mark.slow
 def test_a_modula_method_in_compare_runs_three_stages(tmp_path):
     from mlflow import MlflowClient
 

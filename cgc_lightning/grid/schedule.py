@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from cgc_lightning.grid.store import (
     child_runs,
     finished,
     new_run,
+    stage_runs,
 )
 
 
@@ -59,14 +61,16 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
     plan = "restart"
     if run is not None:
         plan = driver.resume_plan(run.data.tags.get(STAGE_TAG), store.checkpoints(run))
-        if plan == "restart":  # nothing to continue from: start over in a clean run
-            client.delete_run(run.info.run_id)
-            run = None
-    if run is None:
+    if run is None or plan == "restart":  # nothing to continue from: start over in a clean run
         tags = {PARENT_TAG: parent_id, NAME_TAG: cfg.name, POINT_TAG: point.id, ROLE_TAG: "point"}
         tags |= {f"grid.{k}": v for k, v in point.names.items()}
         # the axis values are tags; the fit logs every value once as a param under its stable name (adapter.r, seed)
-        run = client.get_run(new_run(store, point_run_name(cfg, point), tags))
+        fresh = client.get_run(new_run(store, point_run_name(cfg, point), tags))
+        if run is not None:  # a MoDULA point's earlier stages stay, under the new run, to be continued
+            for child in stage_runs(store, run.info.run_id):
+                client.set_tag(child.info.run_id, PARENT_TAG, fresh.info.run_id)
+            client.delete_run(run.info.run_id)
+        run = fresh
     run_id, ckpts = run.info.run_id, store.checkpoints(run)
     # placed on a GPU by the grid: report the peak memory, by which the grid packs points onto GPUs
     peak_report = (
@@ -85,10 +89,19 @@ def run_point(cfg: GridConfig, point: Point, base_path: str, store: Store, paren
         *peak_report,
     ]
 
-    def stage_run(stage: str) -> tuple[str, Path]:  # a MoDULA point's earlier stages: runs nested under the point's
+    def stage_run(stage: str) -> chain.StageRun:  # a MoDULA point's earlier stages: runs nested under the point's
+        found = [r for r in stage_runs(store, run_id) if r.data.tags.get(chain.STAGE_RUN_TAG) == stage]
+        if found:  # an interrupted chain: the stage finished, or continues from its last checkpoint, in its run
+            child, folder = found[0], store.checkpoints(found[0])
+            if child.info.status == "FINISHED" and chain.best_checkpoint(folder) is not None:
+                return chain.StageRun(child.info.run_id, folder, "done")
+            if zipfile.is_zipfile(folder / "last.ckpt"):
+                client.update_run(child.info.run_id, status="RUNNING")
+                return chain.StageRun(child.info.run_id, folder, "resume")
+            client.delete_run(child.info.run_id)  # nothing to continue from
         tags = {PARENT_TAG: run_id, chain.STAGE_RUN_TAG: stage, ROLE_TAG: "modula_stage"}
         child = client.get_run(new_run(store, point_run_name(cfg, point, f"stage={stage}"), tags))
-        return child.info.run_id, store.checkpoints(child)
+        return chain.StageRun(child.info.run_id, store.checkpoints(child))
 
     modula = chain.is_chain(point.config)  # its three stages, the last one into this point's run
     try:

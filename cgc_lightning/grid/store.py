@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cgc_lightning.chain import STAGE_RUN_TAG
 from cgc_lightning.driver import MLFLOW_LOGGERS, PARENT_TAG, logger_init  # noqa: F401  (re-exported)
 from cgc_lightning.grid.config import GridConfig, resolve
 
@@ -87,6 +88,12 @@ def child_runs(store: Store, parent_id: str, point: str | None = None) -> dict[s
     for run in runs:
         out.setdefault(run.data.tags.get(POINT_TAG), run)
     return out
+
+
+def stage_runs(store: Store, point_run_id: str) -> list[Any]:
+    """The runs of a MoDULA point's earlier stages (``grid.modula_stage``), newest first."""
+    query = f"tags.`{PARENT_TAG}` = '{point_run_id}' and tags.`{STAGE_RUN_TAG}` != ''"
+    return store.client.search_runs([store.experiment_id], query, order_by=["attributes.start_time DESC"])
 
 
 def task_scores(run) -> tuple[dict[str, float], dict[str, str]] | None:
