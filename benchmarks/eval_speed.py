@@ -8,13 +8,16 @@ in one process after an untimed warm-up pass:
   grouped by how they are scored (answer choices, or generation) and by length;
 * ``per_task``: one loader per task, the tasks one after another (``data.eval_mix_tasks: false``).
 
-Both stop generating once every row of a batch has ended its first line (or reached EOS, or
-``model.max_new_tokens``). Each pass is CUDA-synchronised at its start and end; the time of each kind of
-batch is summed from synchronised batch boundaries. The per-task scores of the two passes are printed side by
-side: they must agree (only the batches' make-up differs).
+Generated rows come in batches of ``data.generate_batch_size`` (default: ``data.eval_batch_size``),
+choice-scored ones in batches of ``data.eval_batch_size``; the header prints both. Both passes stop generating
+once every row of a batch has ended its first line (or reached EOS, or ``model.max_new_tokens``). Each pass is
+CUDA-synchronised at its start and end; the time of each kind of batch is summed from synchronised batch
+boundaries. The per-task scores of the two passes are printed side by side: they must agree (only the
+batches' make-up differs).
 
     python -m benchmarks.eval_speed --config experiments/studies/bigbench13.yaml --split test \
-        --set data.test_fraction=0.45 --set data.max_test_examples=150 --set model.max_new_tokens=40   # GPU
+        --set data.test_fraction=0.45 --set data.max_test_examples=150 --set model.max_new_tokens=40 \
+        --set data.generate_batch_size=256                                                              # GPU
     python -m benchmarks.eval_speed --config experiments/tiny.yaml                                      # CPU smoke
 """
 
@@ -91,14 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
         one_pass(cli, args.split, True, cuda)  # warm-up: CUDA context, kernels, the line-end table
         result = {"mixed": one_pass(cli, args.split, True, cuda), "per_task": one_pass(cli, args.split, False, cuda)}
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    metrics = cli.datamodule.task_metrics
+    dm = cli.datamodule
+    metrics = dm.task_metrics
     n_choice = sum(m == "accuracy" for m in metrics)
     total = sum(c[args.split] for c in counts.values())
+    generate = dm.eval_batch_size if dm.generate_batch_size is None else dm.generate_batch_size
     print(
         f"evaluation of {args.split}: {args.config} {' '.join(args.set)}; {len(metrics)} tasks ({n_choice} scored "
         f"by answer choice, {len(metrics) - n_choice} by generation), {total} examples, "
-        f"eval_batch_size={cli.datamodule.eval_batch_size}, max_new_tokens={cli.model.max_new_tokens}, "
-        f"precision={cli.trainer.precision}, device={device}"
+        f"eval_batch_size={dm.eval_batch_size}, generate_batch_size={generate}, "
+        f"max_new_tokens={cli.model.max_new_tokens}, precision={cli.trainer.precision}, device={device}"
     )
     print(f"{'batches':<9} {'seconds':>8} {'examples/s':>11} {'choice s':>9} {'generation s':>13} {'x mixed':>8}")
     for name, r in result.items():

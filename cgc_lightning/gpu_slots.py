@@ -223,8 +223,8 @@ def oom_advice(label: str, placed: Placed, *, jobs_per_gpu: int | None, retrying
     if not placed.others:
         return (
             f"point {label} ran out of GPU memory alone on GPU {placed.gpu}{peak}: one point does not fit one GPU; "
-            "shrink data.batch_size (data.eval_batch_size if it died in validation or test), enable "
-            "model.gradient_checkpointing, or lower data.max_length"
+            "shrink data.batch_size (data.eval_batch_size or data.generate_batch_size if it died in validation or "
+            "test), enable model.gradient_checkpointing, or lower data.max_length"
         )
     fewer = max(1, min(jobs_per_gpu or placed.others + 1, placed.others + 1) - 1)
     head = (

@@ -125,8 +125,18 @@ def eval_kind(row: dict, task_metrics: list[str]) -> str:
     return "choice" if task_metrics[row["task_id"]] == "accuracy" and row["choice_ids"] else "text"
 
 
-def eval_batches(rows: list[dict], task_metrics: list[str], batch_size: int, by_length: bool = True) -> list[dict]:
+def eval_batches(
+    rows: list[dict],
+    task_metrics: list[str],
+    batch_size: int,
+    by_length: bool = True,
+    generate_batch_size: int | None = None,
+) -> list[dict]:
     """Evaluation batches of ``rows`` (of any tasks), each of one kind: ``[{"kind": ..., "rows": [...]}, ...]``.
+
+    Choice-scored batches hold ``batch_size`` rows, generated ones ``generate_batch_size`` (default:
+    ``batch_size``): generation runs one forward per new token per batch, so fewer, larger batches of it pay
+    off where a choice batch's one forward does not. The last batch of each kind may be smaller.
 
     Choice-scored examples come first, then generated ones. With ``by_length`` each kind is ordered so that a
     batch's rows cost about the same, whatever their tasks: choice rows longest first (prompt plus longest
@@ -135,14 +145,15 @@ def eval_batches(rows: list[dict], task_metrics: list[str], batch_size: int, by_
     is the same in any batch). The longest batch comes first, so one that does not fit in memory fails at
     once. Without ``by_length`` the rows keep their order.
     """
+    sizes = {"choice": batch_size, "text": batch_size if generate_batch_size is None else generate_batch_size}
     batches = []
-    for kind in ("choice", "text"):
+    for kind, size in sizes.items():
         part = [r for r in rows if eval_kind(r, task_metrics) == kind]
         if by_length and kind == "choice":  # a choice is scored after its prompt: the longest choice counts too
             part.sort(key=lambda r: -len(r["prompt_ids"]) - max(map(len, r["choice_ids"])))
         elif by_length:
             part.sort(key=lambda r: (len(r["prompt_ids"]) - len(r["input_ids"]), -len(r["prompt_ids"])))
-        batches += [{"kind": kind, "rows": part[i : i + batch_size]} for i in range(0, len(part), batch_size)]
+        batches += [{"kind": kind, "rows": part[i : i + size]} for i in range(0, len(part), size)]
     return batches
 
 

@@ -56,7 +56,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             A listed cluster with no task, or a task whose cluster is not listed, is an error.
         tokenizer: the model whose tokenizer to use (linked from ``model.model`` by the CLI).
         batch_size: training batch size: examples per step, or with ``packing`` rows per step.
-        eval_batch_size: validation/test batch size.
+        eval_batch_size: validation/test batch size (of rows scored by answer choice, and of generated ones
+            unless ``generate_batch_size`` is set).
+        generate_batch_size: validation/test/predict batch size of rows whose answer is generated; default:
+            ``eval_batch_size``. Generation runs one forward per new token per batch, so fewer, larger batches of
+            it are faster where a step is bound by the host (small models); the answers are the same in any batch.
         max_length: longest tokenised example (prompt + target).
         sampling: ``proportional``, ``temperature`` or ``uniform``.
         temperature: ``T`` of the temperature rule.
@@ -88,6 +92,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         tokenizer: ModelSpec | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
+        generate_batch_size: int | None = None,
         max_length: int = 256,
         sampling: Literal["proportional", "temperature", "uniform"] = "proportional",
         temperature: float = 2.0,
@@ -133,9 +138,11 @@ class MultiTaskDataModule(L.LightningDataModule):
                 f"{val_fraction} and {test_fraction}"
             )
         task_probabilities([1] * len(self.tasks), sampling, temperature)  # checks the rule early
-        for name, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1)):
-            if value < least:
-                raise DataError(f"data.{name} must be >= {least}, got {value}")
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
+        sizes["generate_batch_size"] = generate_batch_size  # None: eval_batch_size
+        for name, value in sizes.items():
+            if value is not None and value < 1:
+                raise DataError(f"data.{name} must be >= 1, got {value}")
         if max_length < MIN_LENGTH:
             raise DataError(
                 f"data.max_length must be >= {MIN_LENGTH} (a prompt and its answer both need tokens), got {max_length}"
@@ -152,6 +159,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                 task_file(t.source.split(":", 1)[1], bigbench_dir)  # names a task that is not there
         self.tokenizer_spec = tokenizer
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
+        self.generate_batch_size = generate_batch_size
         self.sampling, self.temperature = sampling, temperature
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
@@ -355,13 +363,17 @@ class MultiTaskDataModule(L.LightningDataModule):
             # each of the ranks consumed batches_done batches of the one global order, interleaved
             self._resume_samples = state.get("examples_done") or state["batches_done"] * self.batch_size * ranks
 
-    def _eval_loaders(self, split: str, mix: bool | None = None) -> list[DataLoader]:
+    def _eval_loaders(self, split: str, mix: bool | None = None, generate_all: bool = False) -> list[DataLoader]:
         """Evaluation loaders of ``split``: one over all tasks (``mix``, default ``eval_mix_tasks``), else one per task.
 
         Each loader's items are whole batches (:func:`eval_batches`), so under DDP a rank takes whole batches,
-        each batch on one rank only, and every example is scored exactly once.
+        each batch on one rank only, and every example is scored exactly once. Choice-scored batches hold
+        ``eval_batch_size`` rows, generated ones ``generate_batch_size``; with ``generate_all`` (predict, which
+        generates every row's answer) every batch is of the generation size.
         """
         mix = self.eval_mix_tasks if mix is None else mix
+        generate = self.eval_batch_size if self.generate_batch_size is None else self.generate_batch_size
+        choice = generate if generate_all else self.eval_batch_size
         collate = EvalCollator(self.tokenizer.pad_token_id, self.task_cluster_ids)
         trainer = getattr(self, "trainer", None)
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -369,7 +381,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         groups = [[r for rows in per_task for r in rows]] if mix else per_task
         loaders = []
         for rows in groups:
-            batches = eval_batches(rows, self.task_metrics, self.eval_batch_size, by_length=mix)
+            batches = eval_batches(rows, self.task_metrics, choice, by_length=mix, generate_batch_size=generate)
             loaders.append(
                 DataLoader(
                     batches,
@@ -390,4 +402,5 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._eval_loaders("test")
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders("test", mix=False)  # predictions come back one list per task
+        # predictions come back one list per task; predict_step generates every row's answer, choice tasks' too
+        return self._eval_loaders("test", mix=False, generate_all=True)

@@ -296,6 +296,11 @@ CASES = [
         id="batch-size-0",
     ),
     pytest.param(
+        overrides("--data.generate_batch_size=0"),
+        ["data.generate_batch_size must be >= 1, got 0"],
+        id="generate-batch-size-0",
+    ),
+    pytest.param(
         overrides("--data.max_length=2"),
         ["data.max_length=2 truncates every target"],
         id="max-length-2",

@@ -58,8 +58,9 @@ def test_packing_benchmark_runs_fit_padded_and_packed(capsys):
 def test_eval_benchmark_times_mixed_and_per_task_batches_with_equal_scores(capsys):
     from benchmarks import eval_speed
 
-    result = eval_speed.main(["--config", "experiments/tiny.yaml"])
+    result = eval_speed.main(["--config", "experiments/tiny.yaml", "--set", "data.generate_batch_size=5"])
     out = capsys.readouterr().out
     assert "per-task scores" in out and set(result) == {"mixed", "per_task"}
+    assert "eval_batch_size=8, generate_batch_size=5," in out, "the header names both batch sizes"
     assert result["mixed"]["scores"] == result["per_task"]["scores"]
     assert result["mixed"]["examples"] == result["per_task"]["examples"] == {"choice": 6, "text": 10}

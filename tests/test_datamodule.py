@@ -40,7 +40,8 @@ def make_dm(tmp_path, tasks=None, **kw) -> MultiTaskDataModule:
         {"name": "count", "cluster": "count", "source": "bigbench:tiny_count", "prompt": "{input}\nA:", "metric": "f1"},
     ]
     kw.setdefault("cache_dir", str(tmp_path / "cache"))
-    return MultiTaskDataModule(tasks=tasks, tokenizer=TOKENIZER, bigbench_dir=BIGBENCH, batch_size=6, **kw)
+    kw.setdefault("batch_size", 6)
+    return MultiTaskDataModule(tasks=tasks, tokenizer=TOKENIZER, bigbench_dir=BIGBENCH, **kw)
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -253,6 +254,36 @@ def test_one_eval_loader_mixes_tasks_in_batches_of_one_kind_and_similar_length(t
     assert len(seen) == len(set(seen)) == sum(c["val"] for c in counts.values()), "each example exactly once"
 
 
+def _sizes(n: int, size: int) -> list[int]:
+    """Rows per batch when ``n`` rows go into batches of ``size``: full ones, then the rest."""
+    return [size] * (n // size) + [n % size] * (n % size > 0)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_generated_rows_come_in_batches_of_generate_batch_size(tmp_path, mix):
+    """Choice batches hold ``eval_batch_size`` rows, generated ones ``generate_batch_size``, in either layout;
+    predict generates every row, so all its batches are of the generation size."""
+    dm = make_dm(tmp_path, eval_batch_size=2, generate_batch_size=4, eval_mix_tasks=mix)
+    dm.setup("validate")
+    val = {t: c["val"] for t, c in dm.example_counts().items()}  # plausible 6 (choices), qa 4, count 6 (generated)
+    layout = [[(b["kind"], len(b["references"])) for b in loader] for loader in dm.val_dataloader()]
+    if mix:  # one loader: every choice row, then every generated row
+        choice = [("choice", n) for n in _sizes(val["plausible"], 2)]
+        assert layout == [choice + [("text", n) for n in _sizes(val["qa"] + val["count"], 4)]]
+    else:
+        assert layout == [
+            [("choice", n) for n in _sizes(val["plausible"], 2)],
+            [("text", n) for n in _sizes(val["qa"], 4)],
+            [("text", n) for n in _sizes(val["count"], 4)],
+        ]
+    assert val == {"plausible": 6, "qa": 4, "count": 6}, "the fixture split the layouts above were written for"
+    test = {t: c["test"] for t, c in dm.example_counts().items()}
+    predicted = [[len(b["references"]) for b in loader] for loader in dm.predict_dataloader()]
+    assert predicted == [_sizes(test[t], 4) for t in dm.task_names]
+    default = make_dm(tmp_path, eval_batch_size=2, eval_mix_tasks=mix)  # None: eval_batch_size for every kind
+    assert {len(b["references"]) for loader in default.val_dataloader() for b in loader} == {2}
+
+
 def test_max_test_examples_caps_the_test_split_alone(tmp_path):
     dm = make_dm(tmp_path, max_eval_examples=2, max_test_examples=3)
     counts = dm.example_counts()
@@ -275,6 +306,13 @@ def test_tokenised_data_is_cached(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("option", ["batch_size", "eval_batch_size", "generate_batch_size"])
+def test_a_batch_size_below_one_is_refused_naming_it_before_any_work(tmp_path, option):
+    with pytest.raises(DataError, match=rf"^data\.{option} must be >= 1, got 0$"):
+        make_dm(tmp_path, **{option: 0})
+    assert not (tmp_path / "cache").exists(), "refused before reading or tokenising anything"
 
 
 def test_unknown_source_is_refused_when_the_data_module_is_built(tmp_path):

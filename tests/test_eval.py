@@ -184,33 +184,63 @@ def _test_split_and_model(tmp_path, max_new_tokens: int, **data) -> tuple:
     return dm, module
 
 
-def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
-    """The same model scores the same examples the same, whether a batch holds one task or several (float64):
-    per-task metrics and losses, and every per-example record."""
-    dm, module = _test_split_and_model(tmp_path, max_new_tokens=6, eval_batch_size=4)
+def _evaluate(module, dm, mix: bool) -> tuple[dict, list]:
+    """One test pass of ``module`` over ``dm``'s test loaders: what it logs, and its per-example rows in order."""
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    with torch.no_grad():
+        for loader in dm._eval_loaders("test", mix=mix):
+            for batch in loader:
+                module._eval_step(batch, "test")
+    rows = sorted(module.examples.pop("test"), key=lambda r: (r["task"], r["example_id"]))
+    module._log_eval("test")
+    return logged, rows
+
+
+def _perturb_adapters(module) -> None:
+    """B starts at zero: make the adapters matter."""
     with torch.no_grad():
         for _, p in adapter_parameters(module.model):
             p.normal_(0, 0.3)
 
-    def evaluate(mix: bool) -> tuple[dict, list]:
-        logged = {}
-        module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
-        with torch.no_grad():
-            for loader in dm._eval_loaders("test", mix=mix):
-                for batch in loader:
-                    module._eval_step(batch, "test")
-        rows = sorted(module.examples.pop("test"), key=lambda r: (r["task"], r["example_id"]))
-        module._log_eval("test")
-        return logged, rows
 
+def test_mixed_task_batches_score_every_task_as_per_task_loaders_do(tmp_path):
+    """The same model scores the same examples the same, whether a batch holds one task or several (float64):
+    per-task metrics and losses, and every per-example record."""
+    dm, module = _test_split_and_model(tmp_path, max_new_tokens=6, eval_batch_size=4)
+    _perturb_adapters(module)
     (mixed_loader,) = dm._eval_loaders("test", mix=True)
     assert any(len(b["task_rows"]) > 1 for b in mixed_loader), "the mixed loader must mix tasks"
-    per_task, per_task_rows = evaluate(mix=False)
-    mixed, mixed_rows = evaluate(mix=True)
+    per_task, per_task_rows = _evaluate(module, dm, mix=False)
+    mixed, mixed_rows = _evaluate(module, dm, mix=True)
     assert set(mixed) == set(per_task) and any(k.endswith("/loss") for k in mixed)
     for key, value in per_task.items():
         assert mixed[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert mixed_rows == per_task_rows and len(mixed_rows) == sum(c["test"] for c in dm.example_counts().values())
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_a_generation_batch_size_of_its_own_scores_as_the_default_does(tmp_path, mix):
+    """``generate_batch_size`` only regroups the generated rows (float64): per-task metrics and losses, and every
+    per-example record, equal those of the default (every batch ``eval_batch_size``), in either layout."""
+    dm, module = _test_split_and_model(tmp_path, max_new_tokens=6, eval_batch_size=2)
+    _perturb_adapters(module)
+    bigger = make_dm(tmp_path, max_eval_examples=6, eval_batch_size=2, generate_batch_size=7)  # the same cache
+    bigger.setup("test")
+    sizes = {
+        name: sorted({(b["kind"], len(b["references"])) for loader in d._eval_loaders("test", mix=mix) for b in loader})
+        for name, d in (("default", dm), ("bigger", bigger))
+    }
+    assert max(n for kind, n in sizes["bigger"] if kind == "text") > 2, "generated rows in larger batches"
+    assert {n for kind, n in sizes["bigger"] if kind == "choice"} == {2} == {n for _, n in sizes["default"]}
+    default, default_rows = _evaluate(module, dm, mix)
+    regrouped, regrouped_rows = _evaluate(module, bigger, mix)
+    assert set(regrouped) == set(default) and any(k.endswith("/loss") for k in default)
+    for key, value in default.items():
+        assert regrouped[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert regrouped_rows == default_rows and len(default_rows) == sum(c["test"] for c in dm.example_counts().values())
+    generated = [r["prediction"] for r in default_rows if r["task"] != "plausible"]
+    assert len(set(generated)) > 1, "the generated answers differ from row to row (a real comparison)"
 
 
 def test_batches_of_ones_own_loader_without_task_groups_are_scored_too(tmp_path):
