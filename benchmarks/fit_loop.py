@@ -28,6 +28,12 @@ load it. The header names the size, the shape and the base parameter count.
     python -m benchmarks.fit_loop --config experiments/tiny.yaml --steps 2 --warmup 1            # CPU smoke (CI)
 
 ``--set key=value`` takes dotted LightningCLI overrides (``model.adapter.method=joint_lora``), any number.
+
+``--profile N`` then runs N + 1 more steps of each loop, after its timed ones, under ``torch.profiler`` (the
+first the profiler's warm-up; see :mod:`benchmarks.profile_steps`), and prints both loops' device and host
+time per step, op and kernel counts, host syncs and where they come from, the attention backend, the dtypes
+at the first adapted layer, and the top ops; the timed figures above are of the timed steps only. Chrome
+traces go to ``--profile-dir`` (default: a new temporary folder, printed).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
+from benchmarks.profile_steps import DtypeProbe, FitProfiler, StepProfiler, first_peft_layer, report
 from benchmarks.shapes import SIZES, llama_config
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
@@ -150,10 +157,15 @@ def summarise(times: list[float], tokens: list[int], warmup: int, peak: int | No
     return out
 
 
-def host_time(profiler, steps: int, step_ms: float) -> dict[str, float]:
-    """Host ms per timed step by where it goes, from the profiler's per-hook durations (the last ``steps`` calls
-    of each per-step action; ``optimizer`` is ``optimizer_step`` less what runs inside its closure)."""
-    per_step = {a: sum(d[-steps:]) * 1e3 / steps for a, d in profiler.recorded_durations.items() if len(d) >= steps}
+def host_time(profiler, steps: int, step_ms: float, after: int = 0) -> dict[str, float]:
+    """Host ms per timed step by where it goes, from the profiler's per-hook durations (of each per-step action,
+    the ``steps`` calls before the last ``after``, the profiled steps; ``optimizer`` is ``optimizer_step`` less
+    what runs inside its closure)."""
+    per_step = {
+        a: sum(d[len(d) - after - steps : len(d) - after]) * 1e3 / steps
+        for a, d in profiler.recorded_durations.items()
+        if len(d) >= steps + after
+    }
 
     def total(*keys: str, exclude: str = "") -> float:
         return sum(ms for a, ms in per_step.items() if any(k in a for k in keys) and not (exclude and exclude in a))
@@ -205,8 +217,10 @@ def build_cli(config: str, args: list[str], store: Path, experiment: str):
     )
 
 
-def run_fit(args, overrides: list[str], store: Path, cuda: bool):
-    total = args.warmup + args.steps
+def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepProfiler | None = None):
+    """Time ``fit``'s steps; with a ``profiler``, run its steps after the timed ones under it (not timed)."""
+    timed_steps = args.warmup + args.steps
+    total = timed_steps + (profiler.runs if profiler else 0)
     off = (
         [f"--{c}.enabled=false" for c in ("seesaw", "grad_conflict", "gate_usage")] if args.diagnostics == "off" else []
     )
@@ -222,15 +236,30 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool):
     cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark")
     timer = StepTimer(cuda)
     cli.trainer.callbacks.append(timer)
+    probe = FitProfiler(profiler, start_at=timed_steps) if profiler else None
+    if probe:  # after the timer: a profiled step holds the timer's synchronisations, as a timed one
+        cli.trainer.callbacks.append(probe)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(cli.model, cli.datamodule)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    fit = summarise(timer.times, timer.tokens, args.warmup, peak, timer.examples)
-    return cli, fit, host_time(cli.trainer.profiler, args.steps, fit["ms"])
+    if profiler and profiler.peak_before is not None:
+        peak = profiler.peak_before
+    n = timed_steps
+    fit = summarise(timer.times[:n], timer.tokens[:n], args.warmup, peak, timer.examples[:n])
+    if profiler:
+        fit["profile"] = profiler.summarise() | {"dtypes": probe.dtypes}
+    return cli, fit, host_time(cli.trainer.profiler, args.steps, fit["ms"], after=profiler.runs if profiler else 0)
 
 
-def run_bare(args, cli, cuda: bool) -> dict:
+def epochs(loader):
+    """The loader's batches, epoch after epoch: the bare loop runs as many steps as ``fit``, whatever the epoch."""
+    while True:
+        yield from loader
+
+
+def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None) -> dict:
+    """Time the bare loop's steps; with a ``profiler``, run its steps after the timed ones under it (not timed)."""
     from peft import LoraConfig, get_peft_model
 
     from cgc_lightning.hf import load_model
@@ -251,14 +280,17 @@ def run_bare(args, cli, cuda: bool) -> dict:
         torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16-mixed") else nullcontext()
     )
     loader = cli.datamodule.train_dataloader()
-    times, tokens = [], []
+    times, tokens, probe, dtypes, timed_steps, peak = [], [], None, {}, args.warmup + args.steps, None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for i, batch in enumerate(loader):
-        if i == args.warmup + args.steps:
+    for i, batch in enumerate(epochs(loader)):
+        if i == timed_steps + (profiler.runs if profiler else 0):
             break
         if cuda:
             torch.cuda.synchronize()
+        if profiler and i == timed_steps:
+            probe = DtypeProbe(*first_peft_layer(model))
+            profiler.begin()
         t = time.perf_counter()
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast:
@@ -268,12 +300,18 @@ def run_bare(args, cli, cuda: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        if i >= timed_steps:
+            if i == timed_steps:  # the probe's one step
+                dtypes = probe.remove()
+            profiler.end_step()
+            continue
         times.append(time.perf_counter() - t)
         tokens.append(int(batch["attention_mask"].sum()))
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+        peak = torch.cuda.max_memory_allocated() if cuda else None
     assert torch.isfinite(loss), f"bare loop: non-finite loss {loss}"
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the base model, as fit's count
-    return summarise(times, tokens, args.warmup, peak) | {"rank": rank, "params": base}
+    out = summarise(times, tokens, args.warmup, peak) | {"rank": rank, "params": base}
+    return out | ({"profile": profiler.summarise() | {"dtypes": dtypes}} if profiler else {})
 
 
 def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on") -> argparse.Namespace:
@@ -297,9 +335,17 @@ def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on"
         default="config",
         help="the config's model, or a Llama of this shape with random weights (benchmarks.shapes.SIZES)",
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps, N more of each loop under torch.profiler (not timed); 0: off",
+    )
+    p.add_argument("--profile-dir", type=Path, help="where the Chrome traces go (default: a new temporary folder)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0:
+        p.error("--steps must be >= 1, --warmup >= 0 and --profile >= 0")
     return args
 
 
@@ -307,14 +353,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__)
     overrides = [f"--{kv}" for kv in args.set]
     cuda = torch.cuda.is_available()
+    profilers = dict.fromkeys(("fit", "bare"))
+    if args.profile:
+        folder = args.profile_dir or Path(tempfile.mkdtemp(prefix="fit-loop-profile-"))
+        profilers = {n: StepProfiler(n, args.profile, cuda, folder) for n in profilers}
     with tempfile.TemporaryDirectory() as tmp:
         overrides += size_overrides(args, Path(tmp))
-        cli, fit, host = run_fit(args, overrides, Path(tmp), cuda)
+        cli, fit, host = run_fit(args, overrides, Path(tmp), cuda, profilers["fit"])
         shape = model_shape(args.size, cli.model.model)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        bare = run_bare(args, cli, cuda)
+        bare = run_bare(args, cli, cuda, profilers["bare"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
     print(
@@ -341,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
+    if args.profile:
+        report({"fit": fit["profile"], "bare": bare["profile"]}, cuda)
     return {"fit": fit, "bare": bare, "host": host, "model": shape}
 
 

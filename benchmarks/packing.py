@@ -25,6 +25,8 @@ from benchmarks.fit_loop import parse_args, run_fit, size_overrides
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__, diagnostics="off")
+    if args.profile:
+        raise SystemExit("--profile is benchmarks.fit_loop's: profile a packed fit there with --set data.packing=true")
     cuda = torch.cuda.is_available()
     results, cli = {}, None
     with tempfile.TemporaryDirectory() as model_dir:

@@ -28,6 +28,31 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
 
 
+def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_traces(capsys, tmp_path):
+    from benchmarks import fit_loop
+
+    args = ["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1", "--profile", "2"]
+    result = fit_loop.main([*args, "--profile-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "profile: 2 steps of each loop" in out and "fit / bare" in out
+    for loop in ("fit", "bare"):
+        prof = result[loop]["profile"]
+        assert f"{loop}: top 15 ops by self CPU ms per step" in out and f"{loop}: Chrome trace" in out
+        assert len(prof["top"]) == 15 and all(t["calls"] > 0 and t["ms"] >= 0 for t in prof["top"])
+        assert prof["aten_ops"] > 0 and prof["device_ms"] is None, "CPU: no device time"
+        assert (tmp_path / f"{loop}.json").stat().st_size > 0
+        # tiny-llama runs SDPA, which on a CPU is the flash kernel, in both loops; float32 throughout (32-true)
+        assert prof["attention"] == ["flash (CPU)"]
+        dtypes = prof["dtypes"]
+        assert dtypes["base weight"] == "torch.float32" and dtypes["hidden states in"].startswith("torch.float32")
+        assert "adapter input" in dtypes
+        # AdamW reads each parameter's step count on the host, in both loops
+        assert any(op == "aten::_local_scalar_dense" for op, _, _ in prof["host_value_sites"])
+    sites = [where for _, _, where in result["fit"]["profile"]["host_value_sites"]]
+    assert any("cgc_lightning/guard.py" in w for w in sites), "the run guard's one read of the non-finite flag"
+    assert not any("cgc_lightning/" in w for _, _, w in result["bare"]["profile"]["host_value_sites"])
+
+
 def test_fit_loop_benchmark_runs_both_loops_on_a_named_llama_size(capsys):
     from benchmarks import fit_loop
     from benchmarks.shapes import SIZES
