@@ -6,7 +6,7 @@ gradient-conflict and gate-use diagnostics unless ``--diagnostics off``, run gua
 throw-away SQLite store. Validation is pushed past the timed steps, so only training steps are timed.
 
 ``bare`` is the loop such a model would get without the framework: the same base model (``load_model`` of the
-same spec), a PEFT LoRA of the method's active rank on the same modules, ``model(..., labels=...).loss``
+same spec), a PEFT LoRA of the method's active rank and dropout on the same modules, ``model(..., labels=...).loss``
 (HF's own loss), ``backward``, AdamW, at the same precision, over the same batches in the same order (the data
 module's own loader).
 
@@ -273,7 +273,9 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None) -> dic
     if precision.startswith("bf16-true"):
         model = model.to(torch.bfloat16)
     targets = sorted({name.rsplit(".", 1)[-1] for name, _ in adapted_layers(cli.model.model)})  # as resolved
-    lora = LoraConfig(r=rank, lora_alpha=rank * cfg.alpha / cfg.r, lora_dropout=0.0, target_modules=targets)
+    lora = LoraConfig(
+        r=rank, lora_alpha=rank * cfg.alpha / cfg.r, lora_dropout=cfg.dropout, target_modules=targets
+    )  # as the fit
     model = get_peft_model(model, lora).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cli.model.lr)
     autocast = (
