@@ -255,7 +255,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if not build_once(cache, tokenise, marker="dataset_dict.json"):
             self.cache_hits += 1
             dd = datasets.load_from_disk(str(cache))
-            return {s: dd[s].to_list() for s in SPLITS}
+            # the cache is the task's, wherever it stands in this config's list: its rows take this task id
+            return {s: [r | {"task_id": task_id} for r in dd[s].to_list()] for s in SPLITS}
         log.info(
             "task %r: %s, tokenised and cached in %s", spec.name, ", ".join(f"{len(out[s])} {s}" for s in SPLITS), cache
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,19 @@ def test_tokenised_data_is_cached(tmp_path):
     changed = make_dm(tmp_path, max_length=48)  # anything that shapes the tokens is part of the key
     changed.setup("fit")
     assert changed.cache_hits == 0
+
+
+def test_a_cached_task_takes_its_place_in_a_new_task_list(tmp_path):
+    """The cache is per task, not per task list: rows read back from it carry the task's id in this config (they
+    kept the id of the config that wrote them, so a reordered or shortened list routed and scored them as
+    another task, or failed)."""
+    make_dm(tmp_path).setup("fit")  # plausible, qa, count
+    tasks = make_dm(tmp_path).tasks
+    subset = make_dm(tmp_path, tasks=[asdict(tasks[2]), asdict(tasks[0])])  # count, plausible
+    subset.setup("fit")
+    assert subset.cache_hits == 2
+    for split, per_task in subset._build().items():
+        assert [{r["task_id"] for r in rows} for rows in per_task] == [{0}, {1}], split
 
 
 # ------------------------------------------------------------------------------------ bad input
