@@ -18,18 +18,23 @@ batches' make-up differs).
     python -m benchmarks.eval_speed --config experiments/studies/bigbench13.yaml --split test \
         --set data.test_fraction=0.45 --set data.max_test_examples=150 --set model.max_new_tokens=40 \
         --set data.generate_batch_size=256                                                              # GPU
+    python -m benchmarks.eval_speed --config experiments/studies/bigbench13.yaml --split test \
+        --tasks sports_understanding,anachronisms,causal_judgment,date_understanding,navigate,temporal_sequences,\
+colored_objects,object_counting,word_unscrambling,auto_categorization,tense ...             # issue 15's 7 + 4 mix
     python -m benchmarks.eval_speed --config experiments/tiny.yaml                                      # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch import Callback
 
 from benchmarks.fit_loop import build_cli
@@ -60,8 +65,25 @@ class KindTimer(Callback):
     on_validation_batch_end = on_test_batch_end = _batch_end
 
 
+def task_subset(config: str, names: str) -> list[str]:
+    """``--data.tasks`` and ``--data.clusters`` overrides that keep only the config's tasks named in ``names``
+    (comma-separated), in the config's order, and the clusters they are in."""
+    tasks = ((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}).get("tasks") or []
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {t.get("name") for t in tasks})
+    if unknown:
+        raise SystemExit(
+            f"--tasks: {', '.join(unknown)} not among {config}'s data.tasks "
+            f"({', '.join(str(t.get('name')) for t in tasks)})"
+        )
+    kept = [t for t in tasks if t.get("name") in wanted]
+    clusters = list(dict.fromkeys(t["cluster"] for t in kept if t.get("cluster")))
+    return [f"--data.tasks={json.dumps(kept)}", *([f"--data.clusters={json.dumps(clusters)}"] if clusters else [])]
+
+
 def build(args, store: Path):
-    return build_cli(args.config, [f"--{kv}" for kv in args.set], store, "eval-benchmark")
+    subset = task_subset(args.config, args.tasks) if args.tasks else []
+    return build_cli(args.config, [*subset, *(f"--{kv}" for kv in args.set)], store, "eval-benchmark")
 
 
 def one_pass(cli, split: str, mix: bool, cuda: bool) -> dict:
@@ -85,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", required=True, help="experiment config, as for `fit --config`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--split", choices=["val", "test"], default="val", help="which split to evaluate")
+    p.add_argument("--tasks", default="", metavar="NAME,...", help="only these of the config's tasks (default: all)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,7 @@
 """The benchmarks run at a tiny size on the CPU (their own correctness checks included); no timing is asserted."""
 
+import pytest
+
 from benchmarks import adapter_layer
 
 
@@ -89,3 +91,13 @@ def test_eval_benchmark_times_mixed_and_per_task_batches_with_equal_scores(capsy
     assert "eval_batch_size=8, generate_batch_size=5," in out, "the header names both batch sizes"
     assert result["mixed"]["scores"] == result["per_task"]["scores"]
     assert result["mixed"]["examples"] == result["per_task"]["examples"] == {"choice": 6, "text": 10}
+
+
+def test_eval_benchmark_on_a_subset_of_the_tasks(capsys):
+    from benchmarks import eval_speed
+
+    result = eval_speed.main(["--config", "experiments/tiny.yaml", "--tasks", "count,plausible"])
+    assert set(result["mixed"]["scores"]) == {"plausible", "count"}, "only the named tasks, in the config's order"
+    assert "2 tasks (1 scored by answer choice, 1 by generation)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--tasks: nope not among experiments/tiny.yaml's data.tasks \(plausible, qa"):
+        eval_speed.main(["--config", "experiments/tiny.yaml", "--tasks", "count,nope"])
