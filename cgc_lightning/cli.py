@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -303,11 +304,15 @@ def main(args: list[str] | None = None) -> CGCLightningCLI | None:
         if isinstance(result, int) and result:  # grid: the number of points that failed
             raise SystemExit(result)
         return None
-    return CGCLightningCLI(
-        MultiTaskLoRAModule,
-        MultiTaskDataModule,
-        save_config_callback=MLflowConfigCallback,
-        trainer_defaults=TRAINER_DEFAULTS,
-        seed_everything_default=42,
-        args=args,
-    )
+    with warnings.catch_warnings():
+        if args is not None:  # called with its arguments (grid points, stages, compare's methods, benchmarks): the
+            # command line is the caller's own, not meant for this CLI, and Lightning's warning about both is noise
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return CGCLightningCLI(
+            MultiTaskLoRAModule,
+            MultiTaskDataModule,
+            save_config_callback=MLflowConfigCallback,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=42,
+            args=args,
+        )

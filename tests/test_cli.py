@@ -203,3 +203,20 @@ def test_run_params_list_only_the_fields_the_method_reads(method):
     # the one param `method`, not `adapter.method` as well
     assert logged == {"target_modules", "r", "alpha", "dropout", "rslora", "exclude_modules"} | expected
     assert params["method"] == method
+
+
+def test_a_cli_called_with_its_arguments_does_not_warn_about_the_callers_command_line(monkeypatch, capsys):
+    """Grid points, stages and compare's methods call the CLI with their own arguments from a process whose
+    command line is theirs (``grid --point ...``): Lightning warned in every such log that both were given."""
+    import warnings
+
+    from cgc_lightning import cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["cgc_lightning", "grid", "--point", "abc123"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            cli.main(["fit", "--config", "experiments/tiny.yaml", "--print_config"])
+    assert "model:" in capsys.readouterr().out
+    assert not [w for w in caught if "args parameter" in str(w.message)]
