@@ -230,7 +230,7 @@ def train(
     client, parent_id = parent.experiment, parent.run_id
     client.log_text(parent_id, yaml.safe_dump(copy.deepcopy(cfg.__dict__), sort_keys=False), "compare_config.yaml")
     print(f"compare: parent run {parent_id} in experiment {experiment!r} ({tracking_uri})")
-    # each method's config and log stay beside the checkpoints, the logs also on the parent run
+    # each method's config and log stay beside the checkpoints, the logs also on the parent run and the method's
     work = Path((base.get("trainer") or {}).get("default_root_dir") or "outputs") / "compare" / parent_id
     work.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
@@ -250,6 +250,10 @@ def train(
                 print(f"[{i}/{len(configs)}] {name}: config {path}, log {log}", flush=True)
                 returncode = driver.run_logged(driver.child_command("compare", "--child", str(path)), log)
                 client.log_artifact(parent_id, str(log), "logs")
+                # and on the method's own run, where a grid point's or a stage's log is on its run
+                query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{METHOD_TAG}` = '{name}'"
+                for run in client.search_runs([client.get_experiment_by_name(experiment).experiment_id], query):
+                    client.log_artifact(run.info.run_id, str(log), "logs")
                 if returncode:
                     tail = driver.log_tail(log, 30)
                     raise RuntimeError(f"method {name!r} failed (exit {returncode}); end of its log:\n{tail}")

@@ -173,6 +173,8 @@ def test_compare_end_to_end_on_the_tiny_config(tmp_path):
     assert {"comparison.csv", "comparison.md", "delta_m.png", "compare_config.yaml", "logs"} <= {
         a.path for a in client.list_artifacts(pid)
     }
+    for m, child in children.items():  # each method's log on its own run too, as a grid point's is
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "logs")] == [f"logs/{m}.log"]
     text = Path(client.download_artifacts(pid, "comparison.csv", str(tmp_path))).read_text()
     rows = {r["task"]: r for r in csv.DictReader(io.StringIO(text))}
     metric = {"plausible": "accuracy", "qa": "exact_match", "count": "f1"}
