@@ -81,7 +81,7 @@ def load_source(source: str, base_model: str | None, gguf_file: str | None, trac
             tuple(hp["task_names"]), tuple(clusters), tuple(clusters.index(c) for c in hp["task_clusters"])
         )
         model = load_model(spec)
-        inject_adapters(model, AdapterConfig(**hp["adapter"]), layout)
+        inject_adapters(model, AdapterConfig(**hp["adapter"]), layout, hp.get("adapter_dtype", "base"))
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
         own = dict(adapter_parameters(model))
         if set(own) != set(state):

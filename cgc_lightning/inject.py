@@ -274,13 +274,42 @@ def injection(model: nn.Module) -> Injection:
     return model.__dict__["_cgc_injection"]
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig, layout: TaskLayout) -> ParamReport:
+#: Base weights in these dtypes get float32 adapters under ``adapter_dtype="auto"``.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def adapter_param_dtype(base: torch.dtype, adapter_dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype of an adapter's parameters on a layer whose weight is in ``base``.
+
+    ``auto``: float32 on a half-precision base (bf16, fp16), as PEFT keeps its adapters, otherwise the base's
+    own (float32, float64). AdamW updates a parameter in its own dtype, and bf16 keeps 8 significant bits: an
+    update below half the spacing at the parameter's value is rounded away (at 0.03 that is 1e-4, a typical
+    Adam step), so bf16 gate logits stall near 0, their softmax near uniform. ``base``: the layer's own dtype
+    (what every run used before ``auto``). A ``torch.dtype`` or its name: that dtype.
+    """
+    if adapter_dtype == "auto":
+        return torch.float32 if base in HALF_DTYPES else base
+    if adapter_dtype == "base":
+        return base
+    if isinstance(adapter_dtype, torch.dtype):
+        return adapter_dtype
+    dtype = getattr(torch, str(adapter_dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"adapter_dtype must be auto, base or a floating dtype name, got {adapter_dtype!r}")
+    return dtype
+
+
+def inject_adapters(
+    model: nn.Module, config: AdapterConfig, layout: TaskLayout, adapter_dtype: str | torch.dtype = "auto"
+) -> ParamReport:
     """Wrap the target layers of ``model`` with the configured method, in place, and freeze the rest.
 
     Args:
         model: any ``transformers`` causal LM (or any module with ``nn.Linear``/``Conv1D`` layers).
         config: the method and its hyperparameters.
         layout: the tasks and their clusters.
+        adapter_dtype: the adapters' parameter dtype (:func:`adapter_param_dtype`): ``auto`` (float32 on a
+            half-precision base), ``base``, or a dtype.
 
     Returns:
         Trainable versus total parameter counts.
@@ -305,13 +334,14 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, layout: TaskLayout)
 
     ref = targets[0][1].weight
     state = RoutingState(layout.tasks, layout.task_cluster)
-    gate = _build_shared_gate(config, layout, ref.dtype, ref.device)
+    gate = _build_shared_gate(config, layout, adapter_param_dtype(ref.dtype, adapter_dtype), ref.device)
     if gate is not None:
         model.add_module(SHARED_GATE_NAME, gate.train(model.training))
     modules = dict(model.named_modules())
     for name, layer in targets:
         d_in, d_out = _layer_dims(layer)
-        adapter = build_adapter(config, layout, d_in, d_out, gate, dtype=layer.weight.dtype, device=layer.weight.device)
+        dtype = adapter_param_dtype(layer.weight.dtype, adapter_dtype)
+        adapter = build_adapter(config, layout, d_in, d_out, gate, dtype=dtype, device=layer.weight.device)
         wrapper = AdaptedLayer(layer, adapter, state).train(layer.training)  # new modules start in train mode
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, wrapper)

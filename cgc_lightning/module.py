@@ -140,6 +140,11 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         gate_weight_decay: AdamW weight decay of the gates and routers; ``null``: ``weight_decay``.
         log_val_examples: also log each validation's per-example results (``test`` always does;
             :mod:`cgc_lightning.examples`).
+        adapter_dtype: dtype of the adapter parameters (gates and routers included). ``auto``: float32 when
+            ``model.dtype`` is bfloat16 or float16, as PEFT keeps its adapters, else the base's dtype; under
+            ``bf16-mixed`` the products still run in bf16. ``base``: the base model's dtype, what runs used
+            before ``auto``: bf16 parameters lose every AdamW update below bf16's resolution at their value,
+            and bf16 gate logits stall near uniform (:func:`cgc_lightning.inject.adapter_param_dtype`).
     """
 
     #: The keyword arguments of ``torch.compile`` that ``compile`` accepts.
@@ -165,6 +170,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         gate_lr_ratio: float = 10.0,
         gate_weight_decay: float | None = None,
         log_val_examples: bool = False,
+        adapter_dtype: Literal["auto", "base", "float32", "bfloat16", "float16", "float64"] = "auto",
     ):
         super().__init__()
         compile_kwargs = compile_options(compile)
@@ -221,6 +227,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
                 "gate_lr_ratio": gate_lr_ratio,
                 "gate_weight_decay": gate_weight_decay,
                 "log_val_examples": log_val_examples,
+                "adapter_dtype": adapter_dtype,
             },
             logger=False,
         )  # MLflowConfigCallback logs params under stable, flat names
@@ -233,7 +240,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
 
         self.model = load_model(model)
         self.tokenizer = load_tokenizer(model)
-        self.param_report = inject_adapters(self.model, adapter, self.layout)
+        self.param_report = inject_adapters(self.model, adapter, self.layout, adapter_dtype)
         if adapter.init_adapter:  # the previous training stage's adapter (MoDULA), or a warm start
             init_from_adapter(self.model, adapter.init_adapter)
             self.param_report = param_report(self.model)

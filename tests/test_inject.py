@@ -313,3 +313,50 @@ def test_auto_without_any_mapping_names_the_model_type_and_its_layers():
     match = r"no target-module preset for model_type 'my_llm'.*Linear layers in this model: q_proj"
     with pytest.raises(ValueError, match=match):
         inject_adapters(model, AdapterConfig(), LAYOUT)
+
+
+def test_adapter_parameter_dtype_follows_the_policy():
+    from cgc_lightning.inject import adapter_param_dtype
+
+    assert adapter_param_dtype(torch.bfloat16) == adapter_param_dtype(torch.float16) == torch.float32
+    assert adapter_param_dtype(torch.float64) == torch.float64 and adapter_param_dtype(torch.float32) == torch.float32
+    assert adapter_param_dtype(torch.bfloat16, "base") == torch.bfloat16
+    assert adapter_param_dtype(torch.float32, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="adapter_dtype must be auto, base or a floating dtype name, got 'int8'"):
+        adapter_param_dtype(torch.float32, "int8")
+
+
+@pytest.mark.parametrize("name", ["cgc_lora", "moelora", "joint_lora"])
+def test_a_bf16_base_gets_float32_adapters_that_train_under_autocast(name):
+    """On a bf16 base the adapters (gates included) are float32, as PEFT keeps them: in bf16 an AdamW step below
+    half of bf16's spacing at the parameter's value was rounded away, so gate logits stalled near uniform."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    inject_adapters(model, METHOD_CONFIGS[name], LAYOUT)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    randomize_adapters(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), route(model, TASKS):
+        logits = model(ids()).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in trainable)
+    with torch.no_grad(), route(model, TASKS):  # without autocast too: the update is added in the base's dtype
+        assert model(ids()).logits.dtype == torch.bfloat16
+
+    base = tiny_model("llama").to(torch.bfloat16)
+    inject_adapters(base, METHOD_CONFIGS[name], LAYOUT, "base")  # the earlier behaviour, still reachable
+    assert all(p.dtype == torch.bfloat16 for p in base.parameters())
+
+
+def test_an_adam_step_a_bf16_gate_loses_is_kept_in_float32():
+    """What the float32 default fixes: the same small AdamW step on a gate logit at 0.75."""
+    steps = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        logit = torch.nn.Parameter(torch.full((3,), 0.75, dtype=dtype))
+        opt = torch.optim.AdamW([logit], lr=1e-3, weight_decay=0.0)
+        logit.grad = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype)
+        opt.step()
+        steps[dtype] = (logit.detach().float() - 0.75).tolist()
+    assert steps[torch.bfloat16] == [0.0, 0.0, 0.0], "bf16's spacing at 0.75 is 2**-8: a 1e-3 step rounds away"
+    assert steps[torch.float32][0] == pytest.approx(1e-3, rel=1e-3) and steps[torch.float32][2] < 0
