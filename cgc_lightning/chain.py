@@ -12,7 +12,8 @@ checkpoint, so the point is reported like any other method. A point pinned to on
 
 A chain interrupted part way continues where it stopped when the grid is run again: a stage whose fit finished
 (its run FINISHED, a checkpoint in its folder) is not trained again, the stage that was cut off resumes from its
-``last.ckpt`` in its own run, and later stages run as usual (:class:`StageRun` says which, per stage).
+``last.ckpt`` in its own run, and later stages run as usual (:class:`StageRun` says which, per stage). Once a stage
+trains, every stage after it starts over from its new weights, whatever it kept from before.
 """
 
 from __future__ import annotations
@@ -81,11 +82,15 @@ def run_chain(
     """
     steps = stage_steps(max_steps, split)
     previous: Path | None = None
+    retrained = False  # once a stage trains, the stages after it start from its new weights, whatever they kept
     for stage in STAGE_ORDER:
         run = point_run if stage == "router" else stage_run(stage)
-        if run.state == "done" and best_checkpoint(run.folder) is not None:
+        if not retrained and run.state == "done" and best_checkpoint(run.folder) is not None:
             previous = best_checkpoint(run.folder)
             continue
+        if retrained and run.state != "new":
+            run = StageRun(run.run_id, run.folder, "new")
+        retrained = True
         args = [
             f"--model.adapter.stage={stage}",
             f"--trainer.max_steps={steps[stage]}",

@@ -32,6 +32,43 @@ def test_only_modula_left_at_the_joint_default_is_a_chain():
     assert not is_chain({"model": {"adapter": {"method": "cgc_lora"}}})
 
 
+def test_a_stage_after_one_that_trains_again_starts_over_whatever_it_kept(tmp_path):
+    """An earlier stage without a usable checkpoint trains again, so a later stage's "done" or "resume" is stale."""
+    import zipfile
+
+    from cgc_lightning.chain import StageRun, run_chain
+
+    def folder(name: str, *ckpts: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for c in ckpts:
+            with zipfile.ZipFile(path / c, "w") as z:
+                z.writestr("x", "x")
+        return path
+
+    runs = {"universal": StageRun("u", folder("u"), "new"), "domain": StageRun("d", folder("d", "best.ckpt"), "done")}
+    point = StageRun("p", folder("p", "last.ckpt"), "resume")
+    fits = []
+
+    def fit(args):
+        fits.append(args)
+        stage = next(a.split("=")[1] for a in args if a.startswith("--model.adapter.stage="))
+        with zipfile.ZipFile(({**runs, "router": point})[stage].folder / "best.ckpt", "w") as z:
+            z.writestr("x", "x")
+
+    run_chain(fit, [], 9, None, None, runs.__getitem__, point)
+    assert [next(a for a in f if a.startswith("--model.adapter.stage=")) for f in fits] == [
+        "--model.adapter.stage=universal", "--model.adapter.stage=domain", "--model.adapter.stage=router",
+    ]  # fmt: skip
+    assert not any("--ckpt_path" in f for f in fits), "nothing resumes from what predates the retrained stage"
+    assert f"--model.adapter.init_adapter={tmp_path / 'u' / 'best.ckpt'}" in fits[1]
+
+    fits.clear()  # and with the earlier stages done, the cut-off router stage resumes
+    runs = {s: StageRun(s, tmp_path / s[0], "done") for s in ("universal", "domain")}
+    run_chain(fit, [], 9, None, None, runs.__getitem__, point)
+    assert len(fits) == 1 and "--model.adapter.stage=router" in fits[0] and "--ckpt_path" in fits[0]
+
+
 @pytest.mark.slow
 def test_a_modula_point_runs_three_stages_and_reports_like_any_other(tmp_path):
     from mlflow import MlflowClient
