@@ -230,3 +230,16 @@ def test_compare_end_to_end_on_the_tiny_config(tmp_path):
     assert (
         saved["methods"] == ["cgc_lora", "independent_lora", "joint_lora"] and saved["reference"] == "independent_lora"
     )
+
+
+def test_a_long_bar_chart_title_wraps_inside_the_figure():
+    from cgc_lightning.callbacks.plots import grouped_bars
+
+    title = "grid transfer_study: Δm against model.adapter.method=independent_lora, mean over seeds with 95% intervals"
+    fig = grouped_bars(["cgc_lora", "moelora", "joint_lora"], {"Δm": [-7.0, -11.3, -4.2]}, title, "Δm (%)")
+    fig.canvas.draw()
+    text = fig.axes[0].title
+    box = text.get_window_extent(renderer=fig.canvas.get_renderer())
+    width, height = fig.canvas.get_width_height()
+    assert "\n" in text.get_text() and text.get_text().replace("\n", " ") == title
+    assert box.x0 >= 0 and box.x1 <= width and box.y1 <= height  # nothing cut off at either side or the top

@@ -8,6 +8,7 @@ training job and inside a notebook alike. Margins are set by hand (see :func:`_f
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -104,14 +105,10 @@ def grouped_bars(
     """Bars of each series (a method) side by side for each group (a task); groups in ``hatched`` are hatched;
     ``intervals`` (``{series: [(low, high) or None per group]}``) draws those as error bars."""
     bottom = 0.3 + 0.4 * _label_inches(groups)  # labels at 20 degrees
-    fig = _figure(
-        max(5.0, 1.5 + 0.45 * len(groups) * max(len(series), 1)),
-        3.5 + bottom,
-        left=0.8,
-        right=0.2,
-        bottom=bottom,
-        top=0.5,
-    )
+    width_in = max(5.0, 1.5 + 0.45 * len(groups) * max(len(series), 1))
+    title = textwrap.fill(title, width=int((width_in - 1.0) * 12))  # ~12 characters an inch at 10 pt over the axes
+    top = 0.35 + 0.18 * (title.count("\n") + 1)
+    fig = _figure(width_in, 3.5 + bottom + top - 0.5, left=0.8, right=0.2, bottom=bottom, top=top)
     ax = fig.subplots()
     width = 0.8 / max(len(series), 1)
     for k, (name, values) in enumerate(series.items()):
