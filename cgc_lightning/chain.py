@@ -85,8 +85,8 @@ def run_chain(
     retrained = False  # once a stage trains, the stages after it start from its new weights, whatever they kept
     for stage in STAGE_ORDER:
         run = point_run if stage == "router" else stage_run(stage)
-        if not retrained and run.state == "done" and best_checkpoint(run.folder) is not None:
-            previous = best_checkpoint(run.folder)
+        if not retrained and run.state == "done" and (kept := best_checkpoint(run.folder)) is not None:
+            previous = kept
             continue
         if retrained and run.state != "new":
             run = StageRun(run.run_id, run.folder, "new")

@@ -293,10 +293,11 @@ def adapter_param_dtype(base: torch.dtype, adapter_dtype: str | torch.dtype = "a
         return base
     if isinstance(adapter_dtype, torch.dtype):
         return adapter_dtype
-    dtype = getattr(torch, str(adapter_dtype), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"adapter_dtype must be auto, base or a floating dtype name, got {adapter_dtype!r}")
-    return dtype
+    from cgc_lightning.hf import DTYPES  # the names model.model.dtype takes
+
+    if adapter_dtype not in DTYPES:
+        raise ValueError(f"adapter_dtype must be auto, base or one of {', '.join(DTYPES)}; got {adapter_dtype!r}")
+    return DTYPES[adapter_dtype]
 
 
 def inject_adapters(

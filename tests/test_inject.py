@@ -322,7 +322,8 @@ def test_adapter_parameter_dtype_follows_the_policy():
     assert adapter_param_dtype(torch.float64) == torch.float64 and adapter_param_dtype(torch.float32) == torch.float32
     assert adapter_param_dtype(torch.bfloat16, "base") == torch.bfloat16
     assert adapter_param_dtype(torch.float32, "bfloat16") == torch.bfloat16
-    with pytest.raises(ValueError, match="adapter_dtype must be auto, base or a floating dtype name, got 'int8'"):
+    match = "adapter_dtype must be auto, base or one of float32, bfloat16, float16, float64; got 'int8'"
+    with pytest.raises(ValueError, match=match):
         adapter_param_dtype(torch.float32, "int8")
 
 
