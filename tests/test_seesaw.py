@@ -16,6 +16,7 @@ from cgc_lightning.adapters.cgc_lora import expert_layout
 from cgc_lightning.callbacks import SeesawTracker
 from cgc_lightning.callbacks.conflict import gradient_conflict, shared_slices, split_by_task
 from cgc_lightning.callbacks.gates import expert_labels, gate_usage
+from cgc_lightning.callbacks.seesaw import noise_margin
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.inject import adapted_layers, inject_adapters
 from cgc_lightning.module import token_losses
@@ -123,6 +124,45 @@ def _shared_vector(method: str, grads: dict[str, torch.Tensor], cluster: int) ->
         elif method == "moelora" and name == "adapter_gate.gate_W":  # gate_task_emb rows are per task
             parts.append(g.reshape(-1))
     return torch.cat(parts)
+
+
+def test_noise_margins_count_only_moves_beyond_each_tasks_validation_noise():
+    # 1.96 * sqrt(2 p (1 - p) / n), by hand
+    assert noise_margin(0.5, 100) == pytest.approx(1.959963984540054 * math.sqrt(2 * 0.25 / 100))
+    assert noise_margin(0.9, 400) == pytest.approx(0.0415771, rel=1e-5) and noise_margin(1.0, 50) == 0.0
+    assert noise_margin(1.2, 50) == noise_margin(-0.1, 50) == 0.0  # a level outside [0, 1] is clipped
+
+    names = {"big": "accuracy", "small": "accuracy", "fixed": "f1"}
+    tracker = SeesawTracker(names, margin=0.01, examples={"big": 1000, "small": 20})  # fixed: no count, 0.01
+    tracker.update(0, {"big": 0.50, "small": 0.50, "fixed": 0.50})
+    change = tracker.update(1, {"big": 0.56, "small": 0.35, "fixed": 0.52})
+    # big: 0.06 > 0.0437 (n = 1000, p = .53) improves; small: -0.15 is within 0.3064 (n = 20, p = .425); fixed
+    # moves 0.02 > 0.01
+    assert change.margins["big"] == pytest.approx(noise_margin(0.53, 1000))
+    assert change.margins["small"] == pytest.approx(noise_margin(0.425, 20)) and change.margins["fixed"] == 0.01
+    assert change.improving == ("big", "fixed") and change.degrading == () and not change.event
+    change = tracker.update(2, {"big": 0.50, "small": 0.05, "fixed": 0.52})
+    assert change.degrading == ("big", "small") and change.improving == () and tracker.events == 0
+    # the per-task margins travel with the history; a checkpoint from before them (four fields) still loads
+    resumed = SeesawTracker(names, margin=0.01, examples={"big": 1000, "small": 20})
+    resumed.load_state_dict(tracker.state_dict())
+    assert resumed.changes == tracker.changes
+    old = {**tracker.state_dict(), "changes": [c[:4] for c in tracker.state_dict()["changes"]]}
+    resumed.load_state_dict(old)
+    assert [c.margins for c in resumed.changes] == [{}, {}]
+    with pytest.raises(ValueError, match="at least one validation example"):
+        SeesawTracker(names, examples={"big": 0})
+
+
+def test_seesaw_margin_options_are_checked():
+    from cgc_lightning.callbacks.seesaw import SeesawMonitor
+
+    assert SeesawMonitor().margin == "auto"
+    with pytest.raises(ValueError, match="with signal: loss give the margin in loss units"):
+        SeesawMonitor(signal="loss")
+    with pytest.raises(ValueError, match="seesaw.margin must be 'auto' or a number >= 0, got 'big'"):
+        SeesawMonitor(margin="big")
+    assert SeesawMonitor(signal="loss", margin=0.05).margin == 0.05
 
 
 @pytest.mark.parametrize("method", ["cgc_lora", "moelora", "joint_lora"])
@@ -297,6 +337,13 @@ def test_callbacks_run_in_a_fit_without_mlflow_and_leave_training_unchanged(tmp_
     change = seesaw.metric_history.changes[0]
     delta = [float(r["seesaw/qa/delta"]) for r in rows if r.get("seesaw/qa/delta")]
     assert delta == [pytest.approx(change.delta["qa"])]
+    # margin: auto, from the data module's validation examples per task
+    counts = on.datamodule.example_counts()
+    values = seesaw.metric_history.values
+    for t in tasks:
+        n, level = counts[t]["val"], (values[0][t] + values[1][t]) / 2
+        assert seesaw.metric_history.examples[t] == n > 0
+        assert change.margins[t] == pytest.approx(noise_margin(level, n))
 
 
 # ------------------------------------------------------------------------------------------------- DDP
