@@ -15,9 +15,9 @@ p (1 - p) / n_t, so two validations differ by more than
     margin_t    = 1.96 * sqrt(2 p (1 - p) / n_t)
 
 less than 5 % of the time by chance alone, if they were independent draws. The same examples scored twice
-differ less than that (their scores correlate), so the bound is conservative: a move it counts is real. With a
-fixed margin, a task on 100 validation examples "moves" by 0.02 when two answers change, and every validation
-of a run with many tasks is a seesaw event.
+differ less than that (their scores correlate), so the bound is conservative: a move it counts is unlikely to be
+chance. With a fixed margin, a task on 100 validation examples "moves" by 0.02 when two answers change, and every
+validation of a run with many tasks is a seesaw event.
 
 The per-task metric and loss themselves are the module's ``val/<task>/<metric>`` and
 ``val/<task>/loss``; this callback reads them back rather than logging them twice.
