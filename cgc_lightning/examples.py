@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -80,8 +81,22 @@ def log_examples(logger, rows: list[dict], artifact_file: str) -> None:
         log.warning("could not log the per-example results %s to MLflow: %s", artifact_file, e)
 
 
+def last_validation(client, run_id: str) -> str | None:
+    """``val_step<k>`` of the run's last validation with per-example results (the one its latest ``val/``
+    metrics come from), or None."""
+    try:
+        names = [Path(a.path).name for a in client.list_artifacts(run_id, "examples")]
+    except Exception:
+        return None
+    steps = [int(m.group(1)) for n in names if (m := re.fullmatch(r"val_step(\d+)\.json", n))]
+    return f"val_step{max(steps)}" if steps else None
+
+
 def load_examples(client, run_id: str, stage: str = "test") -> list[dict]:
-    """The per-example rows a run logged for ``stage`` (``examples/<stage>.json``); [] if it has none."""
+    """The per-example rows a run logged for ``stage`` (``examples/<stage>.json``); [] if it has none. ``val`` is
+    the last validation's (``val_step<k>`` with the largest k), as a run's ``val/`` metrics are."""
+    if stage == "val":
+        stage = last_validation(client, run_id) or "val"
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, f"examples/{stage}.json", tmp)

@@ -65,7 +65,12 @@ def _scores(flag: str, uri: str, client: MlflowClient, run_ids: Sequence[str], s
     for run_id, scores in zip(run_ids, out, strict=True):
         if not scores:
             raise ValueError(
-                f"{flag}: run {run_id!r} in {uri} has no per-example {stage} results (examples/{stage}.json)"
+                f"{flag}: run {run_id!r} in {uri} has no per-example {stage} results "
+                + (
+                    "(examples/val_step<k>.json: fit with --model.log_val_examples true)"
+                    if stage == "val"
+                    else f"(examples/{stage}.json)"
+                )
             )
     return out
 
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> MethodSignificance:
     p.add_argument(
         "--stage",
         default="test",
-        help="which per-example results: test (default) or a validation's, e.g. val_step1000 (examples/<stage>.json)",
+        help="which per-example results: test (default), val (each run's last validation) or one validation's, e.g. "
+        "val_step1000 (examples/<stage>.json)",
     )
     p.add_argument("--resamples", type=int, default=N_RESAMPLES, help=f"bootstrap resamples (default {N_RESAMPLES})")
     p.add_argument("--out", help="also write paired.csv and paired.md here")

@@ -40,6 +40,37 @@ def _run(client, exp, scores: dict[str, np.ndarray], ids=None) -> str:
     return run_id
 
 
+def test_val_intervals_read_each_runs_last_validation(store):
+    """``stage="val"`` pairs the per-example results of each run's last validation (``examples/val_step<k>.json``
+    with the largest k, as the run's latest ``val/`` metrics), not a file ``examples/val.json`` no run writes."""
+    from cgc_lightning.examples import load_examples
+
+    client, exp = store
+    rng = np.random.default_rng(5)
+    runs = {}
+    for name, shift in (("ref", 0.0), ("m", 0.3)):
+        run_id = client.create_run(exp).info.run_id
+        early, last = _scores(rng), _scores(rng, shift)
+        for step, scores in ((2, early), (10, last)):  # 10 after 2 in number, before it in text
+            rows = [
+                {"task": t, "example_id": i, "prediction": "", "references": ["x"], "score": float(v)}
+                for t, values in scores.items()
+                for i, v in enumerate(values)
+            ]
+            log_examples(_Logger(client, run_id), rows, f"examples/val_step{step}.json")
+        runs[name] = ([run_id], last)
+    run_id, last = runs["m"][0][0], runs["m"][1]
+    assert [r["score"] for r in load_examples(client, run_id, "val") if r["task"] == "a"] == last["a"].tolist()
+    assert load_examples(client, run_id, "val_step2") != load_examples(client, run_id, "val")
+    assert load_examples(client, run_id, "test") == []
+    found, why = method_significance(client, {k: v[0] for k, v in runs.items()}, "ref", TASKS, stage="val")
+    assert why is None
+    direct = stats.transfer_rows(
+        {t: runs["m"][1][t][None] for t in TASKS}, {t: runs["ref"][1][t][None] for t in TASKS}, TASKS, n_resamples=5000
+    )
+    assert [r["diff"] for r in found["m"].rows] == pytest.approx([r["diff"] for r in direct])
+
+
 def _scores(rng, shift=0.0) -> dict[str, np.ndarray]:
     return {"a": (rng.random(N) < 0.5 + shift).astype(float), "b": np.clip(rng.random(N) + shift, 0, 1)}
 
