@@ -56,8 +56,19 @@ def encode(
     return out, truncated
 
 
-def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
+def padded_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
+    """The width a batch whose longest sequence has ``longest`` tokens is padded to: ``longest`` rounded up to a
+    ``multiple``, but not past ``cap`` (``max_length``) where ``longest`` fits under it.
+
+    A GPU builds kernel plans for each new sequence length (cuDNN attention takes 50 to 80 ms per new length
+    in each direction on an H200), so batches of many different lengths keep paying for new plans; rounding
+    bounds the lengths a run meets to ``max_length / multiple``."""
+    width = -(-longest // multiple) * multiple
+    return min(width, max(longest, cap)) if cap is not None else width
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 1, cap: int | None = None):
+    width = padded_width(max(len(s) for s in seqs), multiple, cap)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
@@ -76,19 +87,33 @@ class Collator:
         task_cluster: cluster id of each task id.
         eval_mode: also build the generation and choice-scoring tensors.
         choices: in ``eval_mode``, build the choice-scoring tensors (not needed for a batch scored by generation).
+        pad_to_multiple_of: pad every sequence tensor's width up to a multiple of this (:func:`padded_width`).
+        max_length: the width rounding does not go past (where the longest sequence fits under it).
     """
 
-    def __init__(self, pad_id: int, task_cluster: list[int], eval_mode: bool = False, choices: bool = True):
+    def __init__(
+        self,
+        pad_id: int,
+        task_cluster: list[int],
+        eval_mode: bool = False,
+        choices: bool = True,
+        pad_to_multiple_of: int = 1,
+        max_length: int | None = None,
+    ):
         self.pad_id, self.eval_mode, self.choices = pad_id, eval_mode, choices
         self.task_cluster = torch.tensor(task_cluster, dtype=torch.long)
+        self.multiple, self.cap = pad_to_multiple_of, max_length
+
+    def _pad(self, seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        return _pad(seqs, value, left, self.multiple, self.cap)
 
     def __call__(self, rows: list[dict]) -> dict:
         ids = [r["input_ids"] for r in rows]
         task_ids = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)  # (B,)
         batch = {
-            "input_ids": _pad(ids, self.pad_id),  # (B, L), right-padded
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-            "labels": _pad([r["labels"] for r in rows], IGNORE),
+            "input_ids": self._pad(ids, self.pad_id),  # (B, L), right-padded
+            "attention_mask": self._pad([[1] * len(s) for s in ids], 0),
+            "labels": self._pad([r["labels"] for r in rows], IGNORE),
             "task_ids": task_ids,
             "cluster_ids": self.task_cluster[task_ids],
         }
@@ -97,8 +122,8 @@ class Collator:
         if not self.eval_mode:
             return batch
         prompts = [r["prompt_ids"] for r in rows]
-        batch["prompt_ids"] = _pad(prompts, self.pad_id, left=True)  # (B, P), left-padded for generate()
-        batch["prompt_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+        batch["prompt_ids"] = self._pad(prompts, self.pad_id, left=True)  # (B, P), left-padded for generate()
+        batch["prompt_mask"] = self._pad([[1] * len(p) for p in prompts], 0, left=True)
         batch["references"] = [list(r["references"]) for r in rows]
         batch["choices"] = [list(r.get("choices") or []) for r in rows]
         batch["example_ids"] = [int(r.get("example_id", -1)) for r in rows]
@@ -107,11 +132,12 @@ class Collator:
         pairs = [(i, p, c) for i, (p, r) in enumerate(zip(prompts, rows, strict=True)) for c in r["choice_ids"]]
         if pairs and self.choices:
             seqs = [p + c for _, p, c in pairs]
-            batch["choice_input_ids"] = _pad(seqs, self.pad_id)  # (N_pairs, L)
-            batch["choice_mask"] = _pad([[1] * len(s) for s in seqs], 0)
-            batch["choice_labels"] = _pad([[IGNORE] * len(p) + c for _, p, c in pairs], IGNORE)
+            batch["choice_input_ids"] = self._pad(seqs, self.pad_id)  # (N_pairs, L)
+            batch["choice_mask"] = self._pad([[1] * len(s) for s in seqs], 0)
+            batch["choice_labels"] = self._pad([[IGNORE] * len(p) + c for _, p, c in pairs], IGNORE)
             batch["choice_example"] = torch.tensor([i for i, _, _ in pairs], dtype=torch.long)  # (N_pairs,)
             # the choices alone, for scoring them on the prompt's KV cache (the prompt then runs once per example)
+            # not rounded up: a few tokens each, scored after the prompt, whose width is rounded
             batch["choice_ids"] = _pad([c for _, _, c in pairs], self.pad_id)  # (N_pairs, C), right-padded
             batch["choice_ids_mask"] = _pad([[1] * len(c) for _, _, c in pairs], 0)
         return batch
@@ -175,9 +201,11 @@ class EvalCollator:
     ``kind``, ``task_rows``: ``{task id: [row, ...]}`` (host lists) and ``task_index``: the same as tensors, which
     travel to the device with the batch, so a task's rows are picked there without a copy or a sync."""
 
-    def __init__(self, pad_id: int, task_cluster: list[int]):
-        self.with_choices = Collator(pad_id, task_cluster, eval_mode=True)
-        self.without = Collator(pad_id, task_cluster, eval_mode=True, choices=False)
+    def __init__(
+        self, pad_id: int, task_cluster: list[int], pad_to_multiple_of: int = 1, max_length: int | None = None
+    ):
+        self.with_choices = Collator(pad_id, task_cluster, True, True, pad_to_multiple_of, max_length)
+        self.without = Collator(pad_id, task_cluster, True, False, pad_to_multiple_of, max_length)
 
     def __call__(self, item: dict) -> dict:
         rows = item["rows"]
@@ -212,7 +240,8 @@ class PackingCollator:
 
     The examples go into rows in order, each into the first row with room (:func:`first_fit`, as
     :class:`~datamodules.sampling.PackedBatchSampler` chose them). Each row is its examples end to end,
-    padded at the end to the longest row. The batch carries, instead of an attention mask:
+    padded at the end to the longest row (rounded up to ``pad_to_multiple_of``, not past ``max_length``). The
+    batch carries, instead of an attention mask:
 
     * ``position_ids (R, L)``, restarting at 0 with each example: Hugging Face models then attend within each
       example only (a block-diagonal causal mask for eager and SDPA attention, varlen kernels for flash
@@ -224,10 +253,11 @@ class PackingCollator:
     across an example boundary.
     """
 
-    def __init__(self, pad_id: int, task_cluster: list[int], max_length: int, rows: int):
-        self.pad_id, self.max_length, self.rows = pad_id, max_length, rows
+    def __init__(self, pad_id: int, task_cluster: list[int], max_length: int, rows: int, pad_to_multiple_of: int = 1):
+        self.pad_id, self.max_length, self.rows, self.multiple = pad_id, max_length, rows, pad_to_multiple_of
         self.task_cluster = torch.tensor(task_cluster, dtype=torch.long)
-        self.unpacked = Collator(pad_id, task_cluster)  # one padded row per example (diagnostic probes)
+        # one padded row per example (diagnostic probes)
+        self.unpacked = Collator(pad_id, task_cluster, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length)
 
     def __call__(self, examples: list[dict]) -> dict:
         place = first_fit([len(e["input_ids"]) for e in examples], self.rows, self.max_length)
@@ -241,7 +271,7 @@ class PackingCollator:
             p["labels"] += e["labels"]
             p["pos"] += list(range(n))
             p["task"] += [e["task_id"]] * n
-        width = max(len(p["ids"]) for p in parts)
+        width = padded_width(max(len(p["ids"]) for p in parts), self.multiple, self.max_length)
         for p in parts:  # the tail: padding as one more segment (its own positions), no loss, the last task's experts
             k = width - len(p["ids"])
             p["ids"] += [self.pad_id] * k

@@ -80,6 +80,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             many as fit (:class:`~datamodules.collate.PackingCollator`): no padding between examples, each
             example attending only to itself and each token routed to its own task's experts. A step then
             trains on more examples at about the cost of a padded batch of the same rows. One process only.
+        pad_to_multiple_of: pad each batch's width (training, evaluation, packed rows) up to a multiple of this
+            many tokens, but not past ``max_length``. A GPU builds attention kernel plans for every new sequence
+            length (cuDNN's take 50 to 80 ms each way on an H200), so a run whose batches come in hundreds of
+            lengths keeps paying for them; 64 bounds it to ``max_length / 64`` lengths for a few percent more
+            padding. ``1``: pad to the longest sequence only.
         eval_mix_tasks: evaluate all tasks in one loader whose batches mix tasks (grouped by how they are
             scored, answer choices or generation, and by length, so little is padded); each row is scored
             and routed as its own task. ``false``: one loader per task, the tasks one after another.
@@ -108,10 +113,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/data",
         num_workers: int = 0,
         packing: bool = False,
+        pad_to_multiple_of: int = 64,
         eval_mix_tasks: bool = True,
     ):
         super().__init__()
-        self.packing, self.eval_mix_tasks = packing, eval_mix_tasks
+        self.packing, self.eval_mix_tasks, self.pad_to_multiple_of = packing, eval_mix_tasks, pad_to_multiple_of
         self._packed_sampler = None
         if not tasks:
             raise DataError("data.tasks is empty: list at least one task")
@@ -140,6 +146,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         task_probabilities([1] * len(self.tasks), sampling, temperature)  # checks the rule early
         sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
         sizes["generate_batch_size"] = generate_batch_size  # None: eval_batch_size
+        sizes["pad_to_multiple_of"] = pad_to_multiple_of
         for name, value in sizes.items():
             if value is not None and value < 1:
                 raise DataError(f"data.{name} must be >= 1, got {value}")
@@ -305,7 +312,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             lengths = [len(r["input_ids"]) for rows in train for r in rows]
             self._packed_sampler = PackedBatchSampler(sampler, lengths, self.batch_size, self.max_length)
             collate = PackingCollator(
-                self.tokenizer.pad_token_id, self.task_cluster_ids, self.max_length, self.batch_size
+                self.tokenizer.pad_token_id,
+                self.task_cluster_ids,
+                self.max_length,
+                self.batch_size,
+                self.pad_to_multiple_of,
             )
             return DataLoader(
                 data, batch_sampler=self._packed_sampler, collate_fn=collate, num_workers=self.num_workers
@@ -314,7 +325,12 @@ class MultiTaskDataModule(L.LightningDataModule):
             ConcatDataset(train),
             batch_size=self.batch_size,
             sampler=sampler,
-            collate_fn=Collator(self.tokenizer.pad_token_id, self.task_cluster_ids),
+            collate_fn=Collator(
+                self.tokenizer.pad_token_id,
+                self.task_cluster_ids,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                max_length=self.max_length,
+            ),
             num_workers=self.num_workers,
         )
 
@@ -375,7 +391,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         mix = self.eval_mix_tasks if mix is None else mix
         generate = self.eval_batch_size if self.generate_batch_size is None else self.generate_batch_size
         choice = generate if generate_all else self.eval_batch_size
-        collate = EvalCollator(self.tokenizer.pad_token_id, self.task_cluster_ids)
+        collate = EvalCollator(
+            self.tokenizer.pad_token_id, self.task_cluster_ids, self.pad_to_multiple_of, self.max_length
+        )
         trainer = getattr(self, "trainer", None)
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         per_task = self._build()[split]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cgc_lightning.hf import ModelLoadError, ModelSpec, load_tokenizer
-from datamodules.collate import IGNORE, encode
+from datamodules.collate import IGNORE, encode, padded_width
 from datamodules.errors import DataError
 from datamodules.multitask import MultiTaskDataModule, split_rows
 from datamodules.sampling import MultiTaskSampler, task_probabilities
@@ -255,6 +255,38 @@ def test_one_eval_loader_mixes_tasks_in_batches_of_one_kind_and_similar_length(t
     assert len(seen) == len(set(seen)) == sum(c["val"] for c in counts.values()), "each example exactly once"
 
 
+def test_batch_widths_round_up_to_pad_to_multiple_of_without_passing_max_length(tmp_path):
+    def batches(dm, stage):
+        dm.setup(stage)
+        if stage == "fit":
+            return [(b["input_ids"], b["attention_mask"]) for b in dm.train_dataloader()]
+        (loader,) = dm.val_dataloader()
+        out = []
+        for b in loader:
+            out.append((b["prompt_ids"], b["prompt_mask"]))
+            if "choice_input_ids" in b:
+                out.append((b["choice_input_ids"], b["choice_mask"]))
+        return out
+
+    for stage in ("fit", "validate"):
+        exact = batches(make_dm(tmp_path, pad_to_multiple_of=1), stage)
+        rounded = batches(make_dm(tmp_path, pad_to_multiple_of=8, max_length=45), stage)
+        assert len(exact) == len(rounded) and exact
+        for (ids, mask), (ids8, mask8) in zip(exact, rounded, strict=True):
+            longest = int(mask.sum(1).max())
+            assert ids.shape[1] == longest, "pad_to_multiple_of=1 pads to the longest sequence only"
+            assert ids8.shape[1] == padded_width(longest, 8, 45) and ids8.shape[1] >= longest
+            assert torch.equal(mask8.sum(1), mask.sum(1)) and torch.equal(ids8[mask8 == 1], ids[mask == 1])
+        assert any(i8.shape[1] > i.shape[1] for (i, _), (i8, _) in zip(exact, rounded, strict=True)), stage
+
+
+def test_padded_width_rounds_up_and_stops_at_max_length():
+    assert [padded_width(n, 64) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
+    assert [padded_width(n, 64, cap=300) for n in (1, 250, 257, 300)] == [64, 256, 300, 300]
+    assert padded_width(310, 64, cap=300) == 310, "a sequence longer than the cap is never cut"
+    assert padded_width(37, 1, cap=300) == 37
+
+
 def _sizes(n: int, size: int) -> list[int]:
     """Rows per batch when ``n`` rows go into batches of ``size``: full ones, then the rest."""
     return [size] * (n // size) + [n % size] * (n % size > 0)
@@ -322,7 +354,7 @@ def test_a_cached_task_takes_its_place_in_a_new_task_list(tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("option", ["batch_size", "eval_batch_size", "generate_batch_size"])
+@pytest.mark.parametrize("option", ["batch_size", "eval_batch_size", "generate_batch_size", "pad_to_multiple_of"])
 def test_a_batch_size_below_one_is_refused_naming_it_before_any_work(tmp_path, option):
     with pytest.raises(DataError, match=rf"^data\.{option} must be >= 1, got 0$"):
         make_dm(tmp_path, **{option: 0})

@@ -88,6 +88,34 @@ def test_packed_rows_give_each_task_the_loss_and_gradients_of_the_padded_batch(n
         assert_close(g2[k], g1[k], rtol=1e-8, atol=1e-12, msg=k)
 
 
+@pytest.mark.parametrize("name", ["cgc_lora", "moelora", "modula_res_router"])
+def test_rounded_batch_widths_change_no_task_loss_or_gradient(name):
+    rows = examples(10, seed=1)
+    batches = [
+        Collator(pad_id=0, task_cluster=CLUSTERS)(rows),
+        Collator(pad_id=0, task_cluster=CLUSTERS, pad_to_multiple_of=16, max_length=26)(rows),
+        PackingCollator(pad_id=0, task_cluster=CLUSTERS, max_length=26, rows=5),
+        PackingCollator(pad_id=0, task_cluster=CLUSTERS, max_length=26, rows=5, pad_to_multiple_of=16),
+    ]
+    batches[2:] = [collate(rows) for collate in batches[2:]]
+    assert batches[1]["input_ids"].shape[1] == 16 > batches[0]["input_ids"].shape[1]
+    assert batches[3]["input_ids"].shape[1] == 26 > batches[2]["input_ids"].shape[1] > 16, "capped at max_length"
+    results = []
+    for batch in batches:
+        m = module(METHODS[name], 3)
+        loss, task_sum, task_tokens = m._per_task_loss(batch)
+        loss.backward()
+        results.append(
+            (task_sum, task_tokens, {n: p.grad for n, p in adapter_parameters(m.model) if p.grad is not None})
+        )
+    s0, t0, g0 = results[0]
+    for s, t, g in results[1:]:
+        assert torch.equal(t, t0) and g.keys() == g0.keys()
+        assert_close(s, s0, rtol=1e-10, atol=1e-12)
+        for k in g0:
+            assert_close(g[k], g0[k], rtol=1e-8, atol=1e-12, msg=k)
+
+
 def test_a_task_per_token_routes_like_a_task_per_sample():
     m = module(METHODS["cgc_lora"], None).eval()
     ids = torch.randint(3, 50, (3, 6))
