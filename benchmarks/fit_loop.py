@@ -123,10 +123,10 @@ def model_shape(size: str, model: torch.nn.Module) -> dict:
 
 
 class StepTimer(Callback):
-    """Wall time of each training step (synchronised), its non-pad tokens and its examples."""
+    """Wall time of each training step (synchronised), its non-pad tokens, its examples and its width."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.times, self.tokens, self.examples = cuda, [], [], []
+        self.cuda, self.times, self.tokens, self.examples, self.widths = cuda, [], [], [], []
 
     def _sync(self):
         if self.cuda:
@@ -142,9 +142,16 @@ class StepTimer(Callback):
         packed = batch.get("attention_mask") is None  # data.packing: the batch counts its own tokens
         self.tokens.append(int(batch["n_tokens"]) if packed else int(batch["attention_mask"].sum()))
         self.examples.append(int(batch["n_examples"]) if packed else int(batch["input_ids"].shape[0]))
+        self.widths.append(int(batch["input_ids"].shape[1]))
 
 
-def summarise(times: list[float], tokens: list[int], warmup: int, peak: int | None, examples=None) -> dict:
+def summarise(
+    times: list[float], tokens: list[int], warmup: int, peak: int | None, examples=None, widths=None, met=()
+) -> dict:
+    """Median ms, tokens/s, peak GiB (and examples per step) of the steps after ``warmup``; with ``widths``, the
+    steps' sequence widths, also how many timed steps came at a width first met there (after the warm-up, or by
+    no step of ``met``, the widths an earlier loop in this process ran), which on a GPU build new attention
+    kernel plans (``new_widths``), and the median of the others (``ms_known_widths``)."""
     t, n = times[warmup:], tokens[warmup:]
     ms = statistics.median(t) * 1e3
     out = {
@@ -154,6 +161,15 @@ def summarise(times: list[float], tokens: list[int], warmup: int, peak: int | No
     }
     if examples:
         out["examples_per_step"] = statistics.mean(examples[warmup:])
+    if widths:
+        seen, new = set(met), []
+        for w in widths:
+            new.append(w not in seen)
+            seen.add(w)
+        known = [x for x, fresh in zip(t, new[warmup:], strict=True) if not fresh]
+        out["widths"] = widths
+        out["new_widths"] = sum(new[warmup:])
+        out["ms_known_widths"] = statistics.median(known) * 1e3 if known else None
     return out
 
 
@@ -246,7 +262,7 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     if profiler and profiler.peak_before is not None:
         peak = profiler.peak_before
     n = timed_steps
-    fit = summarise(timer.times[:n], timer.tokens[:n], args.warmup, peak, timer.examples[:n])
+    fit = summarise(timer.times[:n], timer.tokens[:n], args.warmup, peak, timer.examples[:n], timer.widths[:n])
     if profiler:
         fit["profile"] = profiler.summarise() | {"dtypes": probe.dtypes}
     return cli, fit, host_time(cli.trainer.profiler, args.steps, fit["ms"], after=profiler.runs if profiler else 0)
@@ -258,8 +274,9 @@ def epochs(loader):
         yield from loader
 
 
-def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None) -> dict:
-    """Time the bare loop's steps; with a ``profiler``, run its steps after the timed ones under it (not timed)."""
+def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()) -> dict:
+    """Time the bare loop's steps; with a ``profiler``, run its steps after the timed ones under it (not timed).
+    ``met``: the sequence widths ``fit`` ran before it in this process."""
     from peft import LoraConfig, get_peft_model
 
     from cgc_lightning.hf import load_model
@@ -282,7 +299,7 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None) -> dic
         torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16-mixed") else nullcontext()
     )
     loader = cli.datamodule.train_dataloader()
-    times, tokens, probe, dtypes, timed_steps, peak = [], [], None, {}, args.warmup + args.steps, None
+    times, tokens, widths, probe, dtypes, timed_steps, peak = [], [], [], None, {}, args.warmup + args.steps, None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i, batch in enumerate(epochs(loader)):
@@ -309,10 +326,11 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None) -> dic
             continue
         times.append(time.perf_counter() - t)
         tokens.append(int(batch["attention_mask"].sum()))
+        widths.append(int(ids.shape[1]))
         peak = torch.cuda.max_memory_allocated() if cuda else None
     assert torch.isfinite(loss), f"bare loop: non-finite loss {loss}"
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the base model, as fit's count
-    out = summarise(times, tokens, args.warmup, peak) | {"rank": rank, "params": base}
+    out = summarise(times, tokens, args.warmup, peak, widths=widths, met=met) | {"rank": rank, "params": base}
     return out | ({"profile": profiler.summarise() | {"dtypes": dtypes}} if profiler else {})
 
 
@@ -366,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        bare = run_bare(args, cli, cuda, profilers["bare"])
+        bare = run_bare(args, cli, cuda, profilers["bare"], met=fit["widths"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
     print(
@@ -390,6 +408,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['peak_gib'] / bare['peak_gib']:>11.2f}" if r["peak_gib"] and bare["peak_gib"] else f"{'n/a':>11}"
         )
         print(f"{name:<6} {r['ms']:>9.1f} {r['tokens_per_s']:>11,.0f} {mem} {r['ms'] / bare['ms']:>10.2f} {ratio_mem}")
+    known = fit["ms_known_widths"] and bare["ms_known_widths"]
+    print(
+        f"sequence widths: {len(set(fit['widths']))} in fit's {len(fit['widths'])} steps; timed steps at a width new "
+        f"to the process (a GPU builds attention plans for it): fit {fit['new_widths']}, bare {bare['new_widths']} of "
+        f"{args.steps}"
+        + (
+            f"; median of the others: fit {fit['ms_known_widths']:.1f} ms, bare {bare['ms_known_widths']:.1f} ms, "
+            f"{fit['ms_known_widths'] / bare['ms_known_widths']:.2f}x"
+            if known
+            else ""
+        )
+    )
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")

@@ -126,7 +126,9 @@ class StepProfiler:
 def summarise(events, steps: int, wall_s: float, cuda: bool) -> dict:
     """Per-step totals and the ops by self device time (self CPU time when not ``cuda``) of a profile's events."""
     host = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
-    device = [e for e in events if e.device_type != DeviceType.CPU]
+    # kernels, copies and sets only: the profiler also puts each user range (ProfilerStep#, Lightning's
+    # "Optimizer.step", which holds the whole training step) on the device timeline, spanning the kernels in it
+    device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     names = Counter(e.name for e in host)
     ops = defaultdict(lambda: [0.0, 0, Counter()])  # name -> [self us, calls, input dtypes]
     for e in host:

@@ -28,6 +28,42 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
     assert (result["model"]["size"], result["model"]["hidden_size"]) == ("config", 32), "tiny.yaml's fixture model"
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
+    # the same batches in the same order: the same widths, each of which fit met before the bare loop did
+    assert result["bare"]["widths"] == result["fit"]["widths"] and len(result["fit"]["widths"]) == 3
+    assert result["bare"]["new_widths"] == 0 and "timed steps at a width new to the process" in out
+
+
+def test_fit_loop_counts_timed_steps_at_a_width_the_process_had_not_met():
+    from benchmarks.fit_loop import summarise
+
+    times, tokens = [0.5, 0.1, 0.4, 0.1, 0.2], [10] * 5
+    r = summarise(times, tokens, warmup=1, peak=None, widths=[64, 64, 128, 64, 192])
+    assert r["new_widths"] == 2 and r["ms_known_widths"] == pytest.approx(
+        100.0
+    )  # 128 and 192 are new; steps 1 and 3 are not
+    r = summarise(times, tokens, warmup=1, peak=None, widths=[64, 64, 128, 64, 192], met=[128, 192])
+    assert r["new_widths"] == 0 and r["ms_known_widths"] == pytest.approx(150.0)  # an earlier loop met every width
+    assert "new_widths" not in summarise(times, tokens, warmup=1, peak=None)
+
+
+def test_profile_device_time_counts_kernels_and_copies_not_the_user_ranges_spanning_them():
+    """On a GPU the profiler puts ProfilerStep# and Lightning's "Optimizer.step" (the whole training step) on the
+    device timeline too; counted as kernel time they made fit's device ms 550 against 37 ms of kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.profile_steps import summarise
+
+    def event(name, us, annotation=False):
+        elapsed = SimpleNamespace(elapsed_us=lambda: us)
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, is_async=False, is_user_annotation=annotation,
+                               time_range=elapsed)  # fmt: skip
+
+    ranges = [event("ProfilerStep#1", 100_000, True), event("Optimizer.step#AdamW.step", 90_000, True)]
+    work = [event("nvjet_sm90_tst_192x192", 3_000), event("Memcpy DtoH (Device -> Pageable)", 1_000)]
+    r = summarise(ranges + work, steps=2, wall_s=0.2, cuda=True)
+    assert (r["device_ms"], r["kernels"], r["dtoh_copies"]) == (2.0, 1.0, 0.5)
 
 
 def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_traces(capsys, tmp_path):
