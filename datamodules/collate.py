@@ -137,7 +137,7 @@ class Collator:
             batch["choice_labels"] = self._pad([[IGNORE] * len(p) + c for _, p, c in pairs], IGNORE)
             batch["choice_example"] = torch.tensor([i for i, _, _ in pairs], dtype=torch.long)  # (N_pairs,)
             # the choices alone, for scoring them on the prompt's KV cache (the prompt then runs once per example)
-            # not rounded up: a few tokens each, scored after the prompt, whose width is rounded
+            # never rounded up: a few tokens each, scored after the prompt
             batch["choice_ids"] = _pad([c for _, _, c in pairs], self.pad_id)  # (N_pairs, C), right-padded
             batch["choice_ids_mask"] = _pad([[1] * len(c) for _, _, c in pairs], 0)
         return batch
@@ -201,11 +201,9 @@ class EvalCollator:
     ``kind``, ``task_rows``: ``{task id: [row, ...]}`` (host lists) and ``task_index``: the same as tensors, which
     travel to the device with the batch, so a task's rows are picked there without a copy or a sync."""
 
-    def __init__(
-        self, pad_id: int, task_cluster: list[int], pad_to_multiple_of: int = 1, max_length: int | None = None
-    ):
-        self.with_choices = Collator(pad_id, task_cluster, True, True, pad_to_multiple_of, max_length)
-        self.without = Collator(pad_id, task_cluster, True, False, pad_to_multiple_of, max_length)
+    def __init__(self, pad_id: int, task_cluster: list[int]):
+        self.with_choices = Collator(pad_id, task_cluster, eval_mode=True)
+        self.without = Collator(pad_id, task_cluster, eval_mode=True, choices=False)
 
     def __call__(self, item: dict) -> dict:
         rows = item["rows"]

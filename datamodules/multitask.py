@@ -80,11 +80,12 @@ class MultiTaskDataModule(L.LightningDataModule):
             many as fit (:class:`~datamodules.collate.PackingCollator`): no padding between examples, each
             example attending only to itself and each token routed to its own task's experts. A step then
             trains on more examples at about the cost of a padded batch of the same rows. One process only.
-        pad_to_multiple_of: pad each batch's width (training, evaluation, packed rows) up to a multiple of this
-            many tokens, but not past ``max_length``. A GPU builds attention kernel plans for every new sequence
-            length (cuDNN's take 50 to 80 ms each way on an H200), so a run whose batches come in hundreds of
-            lengths keeps paying for them; 64 bounds it to ``max_length / 64`` lengths for a few percent more
-            padding. ``1``: pad to the longest sequence only.
+        pad_to_multiple_of: pad each training batch's width (padded or packed rows) up to a multiple of this many
+            tokens, but not past ``max_length``. A GPU builds attention kernel plans for every new sequence length
+            (cuDNN's take 50 to 80 ms each way on an H200), so training batches, which come in hundreds of
+            lengths, kept paying for them; 64 bounds a run to ``max_length / 64`` lengths. ``1``: pad to the
+            longest example only. Evaluation batches keep their exact widths: they are grouped by length, so
+            their widths repeat already, and the extra padding would only add work (docs/benchmarks.md).
         eval_mix_tasks: evaluate all tasks in one loader whose batches mix tasks (grouped by how they are
             scored, answer choices or generation, and by length, so little is padded); each row is scored
             and routed as its own task. ``false``: one loader per task, the tasks one after another.
@@ -391,9 +392,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         mix = self.eval_mix_tasks if mix is None else mix
         generate = self.eval_batch_size if self.generate_batch_size is None else self.generate_batch_size
         choice = generate if generate_all else self.eval_batch_size
-        collate = EvalCollator(
-            self.tokenizer.pad_token_id, self.task_cluster_ids, self.pad_to_multiple_of, self.max_length
-        )
+        collate = EvalCollator(self.tokenizer.pad_token_id, self.task_cluster_ids)
         trainer = getattr(self, "trainer", None)
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         per_task = self._build()[split]

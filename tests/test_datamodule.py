@@ -255,7 +255,7 @@ def test_one_eval_loader_mixes_tasks_in_batches_of_one_kind_and_similar_length(t
     assert len(seen) == len(set(seen)) == sum(c["val"] for c in counts.values()), "each example exactly once"
 
 
-def test_batch_widths_round_up_to_pad_to_multiple_of_without_passing_max_length(tmp_path):
+def test_training_batch_widths_round_up_to_pad_to_multiple_of_and_evaluation_ones_do_not(tmp_path):
     def batches(dm, stage):
         dm.setup(stage)
         if stage == "fit":
@@ -268,16 +268,18 @@ def test_batch_widths_round_up_to_pad_to_multiple_of_without_passing_max_length(
                 out.append((b["choice_input_ids"], b["choice_mask"]))
         return out
 
-    for stage in ("fit", "validate"):
-        exact = batches(make_dm(tmp_path, pad_to_multiple_of=1), stage)
-        rounded = batches(make_dm(tmp_path, pad_to_multiple_of=8, max_length=45), stage)
-        assert len(exact) == len(rounded) and exact
-        for (ids, mask), (ids8, mask8) in zip(exact, rounded, strict=True):
-            longest = int(mask.sum(1).max())
-            assert ids.shape[1] == longest, "pad_to_multiple_of=1 pads to the longest sequence only"
-            assert ids8.shape[1] == padded_width(longest, 8, 45) and ids8.shape[1] >= longest
-            assert torch.equal(mask8.sum(1), mask.sum(1)) and torch.equal(ids8[mask8 == 1], ids[mask == 1])
-        assert any(i8.shape[1] > i.shape[1] for (i, _), (i8, _) in zip(exact, rounded, strict=True)), stage
+    exact = batches(make_dm(tmp_path, pad_to_multiple_of=1), "fit")
+    rounded = batches(make_dm(tmp_path, pad_to_multiple_of=8, max_length=45), "fit")
+    assert len(exact) == len(rounded) and exact
+    for (ids, mask), (ids8, mask8) in zip(exact, rounded, strict=True):
+        longest = int(mask.sum(1).max())
+        assert ids.shape[1] == longest, "pad_to_multiple_of=1 pads to the longest sequence only"
+        assert ids8.shape[1] == padded_width(longest, 8, 45) and ids8.shape[1] >= longest
+        assert torch.equal(mask8.sum(1), mask.sum(1)) and torch.equal(ids8[mask8 == 1], ids[mask == 1])
+    assert any(i8.shape[1] > i.shape[1] for (i, _), (i8, _) in zip(exact, rounded, strict=True))
+    # evaluation batches, grouped by length, keep their exact widths
+    for ids, mask in batches(make_dm(tmp_path, pad_to_multiple_of=8, max_length=45), "validate"):
+        assert ids.shape[1] == int(mask.sum(1).max())
 
 
 def test_padded_width_rounds_up_and_stops_at_max_length():
