@@ -350,6 +350,53 @@ def test_a_bf16_base_gets_float32_adapters_that_train_under_autocast(name):
     assert all(p.dtype == torch.bfloat16 for p in base.parameters())
 
 
+@pytest.mark.parametrize("name", ["cgc_lora", "moelora", "joint_lora", "independent_lora"])
+def test_float32_adapters_under_autocast_add_their_update_inside_the_last_product(name):
+    """Under autocast the adapter's products run in bf16 whatever its weights' dtype, so an adapted layer neither
+    casts its input up to float32 nor adds the update to the base output as a separate (B, T, d_out) pass. Its
+    output and gradients are those of ``base(x) + adapter(x)`` computed apart (to bf16 rounding)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.calls.append(
+                (str(func.overloadpacket.__name__), getattr(out, "dtype", None), tuple(getattr(out, "shape", ())))
+            )
+            return out
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    inject_adapters(model, METHOD_CONFIGS[name], LAYOUT)
+    randomize_adapters(model)
+    layer = next(m for _, m in adapted_layers(model))
+    x = torch.randn(4, 7, layer.base_layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), route(model, TASKS):
+        with Ops() as ops:
+            y = layer(x)
+        reference = layer.base_layer(x) + layer.adapter(x.float(), TASKS, None).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    out_shape = tuple(y.shape)
+    assert not [c for c in ops.calls if c[0] == "_to_copy" and c[1] == torch.float32 and c[2] == tuple(x.shape)]
+    assert not [c for c in ops.calls if c[0] == "add" and c[2] == out_shape], "the update goes inside addmm"
+    assert_close(y.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    grads = []
+    for value in (y, reference):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        value.float().square().sum().backward()
+        grads.append(
+            (x.grad.clone(), {n: q.grad.clone() for n, q in layer.adapter.named_parameters() if q.grad is not None})
+        )
+    (gx, ga), (rx, ra) = grads
+    assert ga.keys() == ra.keys() and ga and all(g.dtype == torch.float32 for g in ga.values())
+    for k, (g, r) in {"x": (gx.float(), rx.float()), **{k: (ga[k], ra[k]) for k in ga}}.items():
+        assert (g - r).norm() <= 2e-2 * r.norm() and r.norm() > 0, k  # bf16 products: relative to the whole
+
+
 def test_an_adam_step_a_bf16_gate_loses_is_kept_in_float32():
     """What the float32 default fixes: the same small AdamW step on a gate logit at 0.75."""
     steps = {}
