@@ -109,7 +109,8 @@ def build_variant(name: str, base: nn.Module, device: str) -> tuple[nn.Module, b
         cfg = LoraConfig(r=ACTIVE_RANK, lora_alpha=2 * ACTIVE_RANK, lora_dropout=0.0, target_modules=TARGETS)
         # keep the adapters in the model's dtype, as ours are (PEFT would upcast them to float32)
         return get_peft_model(model, cfg, autocast_adapter_dtype=False), False
-    inject_adapters(model, CONFIGS["moelora" if name == "moelora_loop" else name], LAYOUT)
+    # in the model's dtype as PEFT's above: the framework's own default on a bf16 base is float32 adapters
+    inject_adapters(model, CONFIGS["moelora" if name == "moelora_loop" else name], LAYOUT, "base")
     if name == "moelora_loop":
         to_loop(model)
     return model, name != "joint_lora"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks import train_step
 
@@ -39,3 +40,13 @@ def test_the_init_check_fails_when_a_variant_starts_away_from_the_base(monkeypat
     monkeypatch.setattr(train_step, "build_variant", nonzero_b)
     with pytest.raises(AssertionError, match="cgc_lora: logits at init differ"):
         train_step.check_tiny_float64(batch=4, seq=8)
+
+
+@pytest.mark.parametrize("name", ["peft_lora", "joint_lora", "cgc_lora", "moelora"])
+def test_every_variant_keeps_its_adapters_in_the_models_dtype(name):
+    """Like for like on a bf16 GPU: PEFT's adapters stay in the model's dtype, and so must ours (the framework's
+    own default on a bf16 base, float32 adapters, would add casts that PEFT's variant does not have)."""
+    base = train_step.build_base("tiny", "cpu", torch.bfloat16)
+    model, _ = train_step.build_variant(name, base, "cpu")
+    dtypes = {p.dtype for p in train_step.trainable(model)}
+    assert dtypes == {torch.bfloat16}, dtypes
