@@ -27,7 +27,14 @@ import numpy as np
 from cgc_lightning import stats
 from cgc_lightning.metrics import LOWER_IS_BETTER
 from cgc_lightning.mlflow_env import default_tracking_uri
-from cgc_lightning.significance import CONFIDENCE, N_RESAMPLES, MethodSignificance, paired_scores, run_example_scores
+from cgc_lightning.significance import (
+    CONFIDENCE,
+    N_RESAMPLES,
+    MethodSignificance,
+    compare_paired,
+    paired_scores,
+    run_example_scores,
+)
 from cgc_lightning.significance import transfer_csv as _transfer_csv
 
 if TYPE_CHECKING:
@@ -167,12 +174,7 @@ def main(argv: list[str] | None = None) -> MethodSignificance:
         ms, rs, names = load(args)
     except ValueError as e:
         p.error(str(e))
-    kw = {
-        "lower_is_better": {t for t, m in names.items() if m in LOWER_IS_BETTER},
-        "n_resamples": args.resamples,
-        "confidence": CONFIDENCE,
-    }
-    sig = MethodSignificance(stats.delta_m_bootstrap(ms, rs, **kw), stats.transfer_rows(ms, rs, names, **kw))
+    sig = compare_paired(ms, rs, names, LOWER_IS_BETTER, args.resamples)
     means = (task_average(rs), task_average(ms))
     text = markdown(sig, means, args)
     print(text)

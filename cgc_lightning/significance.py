@@ -85,6 +85,22 @@ def paired_scores(
     return m_out, r_out
 
 
+def compare_paired(
+    ms: Mapping[str, np.ndarray],
+    rs: Mapping[str, np.ndarray],
+    metric_names: Mapping[str, str],
+    lower_is_better: set[str] | frozenset[str] = frozenset(),
+    n_resamples: int = N_RESAMPLES,
+) -> MethodSignificance:
+    """A method's paired scores ``ms`` against the reference's ``rs`` (:func:`paired_scores`): its Δm and each
+    task's difference, with intervals. ``lower_is_better``: the metric names where lower is better."""
+    lower = {t for t, m in metric_names.items() if m in lower_is_better}
+    kw = {"lower_is_better": lower, "n_resamples": n_resamples, "confidence": CONFIDENCE}
+    return MethodSignificance(
+        stats.delta_m_bootstrap(ms, rs, **kw), stats.transfer_rows(ms, rs, dict(metric_names), **kw)
+    )
+
+
 def method_significance(
     client,
     method_runs: Mapping[str, Sequence[str]],
@@ -101,7 +117,6 @@ def method_significance(
     if lacking:
         return {}, f"no per-example {stage} results in the runs of {', '.join(lacking)} (logged since examples/)"
     tasks = list(metric_names)
-    lower = {t for t, m in metric_names.items() if m in lower_is_better}
     out = {}
     try:
         for m in method_runs:
@@ -110,10 +125,7 @@ def method_significance(
             if len(scores[m]) != len(scores[reference]):
                 raise ValueError(f"{m} has {len(scores[m])} seed(s), {reference} {len(scores[reference])}")
             ms, rs = paired_scores(scores[m], scores[reference], tasks)
-            kw = {"lower_is_better": lower, "n_resamples": n_resamples, "confidence": CONFIDENCE}
-            out[m] = MethodSignificance(
-                stats.delta_m_bootstrap(ms, rs, **kw), stats.transfer_rows(ms, rs, dict(metric_names), **kw)
-            )
+            out[m] = compare_paired(ms, rs, metric_names, lower_is_better, n_resamples)
     except ValueError as e:
         return {}, str(e)
     return out, None
