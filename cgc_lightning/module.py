@@ -304,17 +304,19 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         Packed rows (``data.packing``) come with ``attention_mask=None``, ``position_ids`` that restart with each
         example (the model then attends within each example) and ``(B, L)`` task ids, one per token."""
         # the compiled model only where it was compiled for: training steps (eval shapes vary, no graph)
-        model = self._compiled[0] if self._compiled and self.training and torch.is_grad_enabled() else self.model
-        with route(self.model, task_ids, validate=False):
+        compiled = bool(self._compiled) and self.training and torch.is_grad_enabled()
+        model = self._compiled[0] if compiled else self.model
+        # compiled: the ids at fixed addresses, which CUDA graphs need to replay (RoutingState.persistent_ids)
+        with route(self.model, task_ids, validate=False, persistent=compiled):
             return model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).logits
 
     def hidden_states(self, input_ids, attention_mask, task_ids, position_ids=None) -> torch.Tensor:
         """The final hidden states ``(B, L, d)`` that the LM head reads, each sample through its own adapters."""
-        compiled = self._compiled and self.training and torch.is_grad_enabled()
+        compiled = bool(self._compiled) and self.training and torch.is_grad_enabled()
         decoder = self._compiled[0] if compiled else self.model.get_decoder()
-        with route(self.model, task_ids, validate=False):
+        with route(self.model, task_ids, validate=False, persistent=compiled):
             return decoder(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state

@@ -54,6 +54,8 @@ class RoutingState:
         # layer, a new table with every batch route() sets, and this model's own
         self.batch_cache: dict[tuple, tuple] = {}
         self.disabled = False
+        # route(..., persistent=True): one (task ids, cluster ids) pair per shape and device, refilled by every batch
+        self._persistent: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.merged_task: int | None = None  # set by inject.merge_task: the weights then serve that task only
         self.checkpointed_modules: list[nn.Module] = []
 
@@ -73,6 +75,22 @@ class RoutingState:
         if table is None:
             table = self._task_cluster_on[tasks.device] = self.task_cluster.to(tasks.device)
         return table[tasks]
+
+    def persistent_ids(self, tasks: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's ids copied into the two tensors this state keeps for their shape and device.
+
+        A compiled graph reads the ids from this state, an attribute of the model's modules, and dynamo
+        takes such tensors to be fixed, as it does parameters: CUDA graphs (``mode: reduce-overhead``)
+        record anew whenever one of them moves. A new ids tensor per batch made every compiled training
+        step record its graphs again (5x the eager step); one tensor per shape lets them replay.
+        """
+        key = (tuple(tasks.shape), tasks.device)
+        kept = self._persistent.get(key)
+        if kept is None:
+            kept = self._persistent[key] = (torch.empty_like(tasks), torch.empty_like(clusters))
+        kept[0].copy_(tasks)
+        kept[1].copy_(clusters)
+        return kept
 
     def ids_for(self, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Task and cluster ids for a layer input with ``rows`` samples on its batch axis (``(B, T)`` ids for packed
@@ -157,6 +175,7 @@ def route(
     cluster_ids: torch.Tensor | Sequence[int] | None = None,
     *,
     validate: bool = True,
+    persistent: bool = False,
 ) -> Iterator[None]:
     """Route each sample of the batch run inside the block to its task's (and cluster's) experts.
 
@@ -168,6 +187,10 @@ def route(
             checked against it when given.
         validate: check ids against the layout (one host sync); the training loop turns it off
             because its data module has checked them already.
+        persistent: hand the layers the same ids tensors for every batch of one shape
+            (:meth:`RoutingState.persistent_ids`), refilled with this batch's ids; what a compiled training
+            step needs to replay CUDA graphs. A later ``persistent`` block overwrites them, so use it where
+            each batch's forward and backward finish before the next batch is routed.
     """
     state = routing_state(model)
     device = _device_of(model)
@@ -205,6 +228,8 @@ def route(
     saved = state.snapshot()
     state.task_ids = tasks.to(device, non_blocking=True)
     state.cluster_ids = derived.to(device, non_blocking=True)
+    if persistent:
+        state.task_ids, state.cluster_ids = state.persistent_ids(state.task_ids, state.cluster_ids)
     state.flat_ids = (state.task_ids.reshape(-1), state.cluster_ids.reshape(-1)) if tasks.dim() == 2 else None
     state.batch_cache = {}
     try:

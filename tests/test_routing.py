@@ -116,6 +116,25 @@ def test_route_restores_the_previous_ids_and_nests():
     assert state.task_ids is None
 
 
+def test_persistent_routing_refills_one_pair_of_id_tensors_per_shape_and_routes_as_before():
+    model = make()
+    state = model._cgc_routing
+    seen = []
+    for tasks in ([0, 3], [2, 1], [1, 2, 3]):
+        x = batch(0, n=len(tasks))
+        with torch.no_grad():
+            with route(model, tasks):
+                expected = model(x).logits
+            with route(model, tasks, persistent=True):
+                assert state.task_ids.tolist() == tasks
+                assert state.cluster_ids.tolist() == [LAYOUT.task_cluster[t] for t in tasks]
+                seen.append((state.task_ids.data_ptr(), state.cluster_ids.data_ptr()))
+                assert_close(model(x).logits, expected, rtol=0, atol=0)
+    assert seen[0] == seen[1], "a batch of the same shape gets the same tensors, refilled"
+    assert seen[2] != seen[0], "another shape gets its own"
+    assert state.task_ids is None
+
+
 def test_rows_that_do_not_fit_the_task_ids():
     model = make()
     with pytest.raises(RuntimeError, match="got an input with 3 rows, but route\\(\\) was given 2 task ids"):
