@@ -10,9 +10,15 @@ same spec), a PEFT LoRA of the method's active rank and dropout on the same modu
 (HF's own loss), ``backward``, AdamW, at the same precision, over the same batches in the same order (the data
 module's own loader).
 
-Per variant: the median step time (CUDA-synchronised at each step's start and end) after ``--warmup`` steps,
-tokens/s over non-pad tokens, and peak GPU memory (``max_memory_allocated``, whole process, from the start of
-the variant). For ``fit``, where the host time goes: Lightning's ``SimpleProfiler`` times every hook on the
+The two loops run side by side: right after each of fit's steps (a callback, after fit's own step has been
+timed), the bare loop takes a step on the same batch. Steps bound by the host vary by 20 % between runs on a
+shared host; paired this way, both loops see the pace of the same moment, and the per-step ratio's median and
+quartiles are printed. ``bare alone`` then runs the same loop over the same batches after ``fit``, alone in the
+process, for its peak memory and as a check on the pairing.
+
+Per loop: the median step time (CUDA-synchronised at each step's start and end) after ``--warmup`` steps,
+tokens/s over non-pad tokens, and peak GPU memory (``max_memory_allocated`` within each step, the most over
+the steps; for ``fit`` less what the paired bare loop keeps on the device, its model and AdamW's state). For ``fit``, where the host time goes: Lightning's ``SimpleProfiler`` times every hook on the
 host (asynchronous CUDA work is not waited for), grouped as data (fetching and moving the batch), forward +
 routing + per-task loss (``training_step``), backward, optimizer, callbacks and logging.
 
@@ -123,10 +129,12 @@ def model_shape(size: str, model: torch.nn.Module) -> dict:
 
 
 class StepTimer(Callback):
-    """Wall time of each training step (synchronised), its non-pad tokens, its examples and its width."""
+    """Wall time of each training step (synchronised), its non-pad tokens, its examples and its width; on a GPU
+    also the peak memory allocated within the step (``peaks``), less what a ``paired`` bare loop holds then."""
 
-    def __init__(self, cuda: bool):
-        self.cuda, self.times, self.tokens, self.examples, self.widths = cuda, [], [], [], []
+    def __init__(self, cuda: bool, paired: BareLoop | None = None):
+        self.cuda, self.paired = cuda, paired
+        self.times, self.tokens, self.examples, self.widths, self.peaks = [], [], [], [], []
 
     def _sync(self):
         if self.cuda:
@@ -134,15 +142,94 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._sync()
+        if self.cuda:
+            self._other = self.paired.resident_bytes() if self.paired else 0
+            torch.cuda.reset_peak_memory_stats()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync()
         self.times.append(time.perf_counter() - self._t)
+        if self.cuda:
+            self.peaks.append(torch.cuda.max_memory_allocated() - self._other)
         packed = batch.get("attention_mask") is None  # data.packing: the batch counts its own tokens
         self.tokens.append(int(batch["n_tokens"]) if packed else int(batch["attention_mask"].sum()))
         self.examples.append(int(batch["n_examples"]) if packed else int(batch["input_ids"].shape[0]))
         self.widths.append(int(batch["input_ids"].shape[1]))
+
+
+class BareLoop:
+    """The bare loop for ``cli``'s model and method: the same base model (``load_model`` of the same spec), a PEFT
+    LoRA of the method's active rank and dropout on the same modules, HF's own loss, ``backward``, AdamW, at the
+    same precision. :meth:`step` trains it on one batch of the data module's."""
+
+    def __init__(self, cli, cuda: bool):
+        from peft import LoraConfig, get_peft_model
+
+        from cgc_lightning.hf import load_model
+        from cgc_lightning.inject import adapted_layers
+
+        self.device = torch.device("cuda" if cuda else "cpu")
+        precision = str(cli.trainer.precision)
+        cfg = cli.model.adapter_config
+        self.rank = active_rank(cfg)
+        model = load_model(cli.model.model_spec)
+        if precision.startswith("bf16-true"):
+            model = model.to(torch.bfloat16)
+        targets = sorted({name.rsplit(".", 1)[-1] for name, _ in adapted_layers(cli.model.model)})  # as resolved
+        lora = LoraConfig(
+            r=self.rank, lora_alpha=self.rank * cfg.alpha / cfg.r, lora_dropout=cfg.dropout, target_modules=targets
+        )  # as the fit
+        self.model = get_peft_model(model, lora).to(self.device)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cli.model.lr)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if precision.startswith("bf16-mixed")
+            else nullcontext()
+        )
+
+    def step(self, batch) -> torch.Tensor:
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with self.autocast:
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(self.device)).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def resident_bytes(self) -> int:
+        """What the loop keeps between steps: the model's tensors and AdamW's state."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [v for state in self.opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
+
+    @property
+    def base_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+
+
+class PairedBare(Callback):
+    """A bare step on each of ``fit``'s first ``steps`` batches, right after fit's own step on it (place it after
+    ``StepTimer``): both loops are timed on the same batch at the same moment, so a drift of the machine's pace
+    (host-bound steps on a shared host vary by 20 % between runs) moves both alike."""
+
+    def __init__(self, bare: BareLoop, steps: int, cuda: bool):
+        self.bare, self.steps, self.cuda, self.times, self.peaks, self.losses = bare, steps, cuda, [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if len(self.times) == self.steps or batch.get("attention_mask") is None:  # packed rows: no bare twin
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        loss = self.bare.step(batch)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - t)
+        if self.cuda:
+            self.peaks.append(torch.cuda.max_memory_allocated())
+        self.losses.append(loss)
 
 
 def summarise(
@@ -158,6 +245,8 @@ def summarise(
         "ms": ms,
         "tokens_per_s": statistics.mean(n) / (ms / 1e3),
         "peak_gib": None if peak is None else peak / 2**30,
+        "step_s": t,
+        "step_tokens": tokens,
     }
     if examples:
         out["examples_per_step"] = statistics.mean(examples[warmup:])
@@ -169,6 +258,7 @@ def summarise(
         known = [x for x, fresh in zip(t, new[warmup:], strict=True) if not fresh]
         out["widths"] = widths
         out["new_widths"] = sum(new[warmup:])
+        out["new_at"] = new[warmup:]  # per timed step
         out["ms_known_widths"] = statistics.median(known) * 1e3 if known else None
     return out
 
@@ -192,7 +282,9 @@ def host_time(profiler, steps: int, step_ms: float, after: int = 0) -> dict[str,
     callbacks = sum(
         ms
         for a, ms in per_step.items()
-        if a.startswith("[Callback]") and "StepTimer" not in a and a.endswith(PER_STEP_HOOKS)
+        if a.startswith("[Callback]")
+        and not any(c in a for c in ("StepTimer", "PairedBare"))
+        and a.endswith(PER_STEP_HOOKS)
     )
     inside = forward + backward + total("on_before_backward", "on_after_backward", "on_before_optimizer_step")
     optimizer = max(total("Module.optimizer_step") - inside, 0.0) + total("optimizer_zero_grad")
@@ -233,8 +325,10 @@ def build_cli(config: str, args: list[str], store: Path, experiment: str):
     )
 
 
-def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepProfiler | None = None):
-    """Time ``fit``'s steps; with a ``profiler``, run its steps after the timed ones under it (not timed)."""
+def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepProfiler | None = None, pair=False):
+    """Time ``fit``'s steps; with a ``profiler``, run its steps after the timed ones under it (not timed). With
+    ``pair``, a :class:`BareLoop` runs a step on each of the timed batches right after fit's (:class:`PairedBare`),
+    returned as the fourth value; fit's peak memory leaves out what the bare loop holds."""
     timed_steps = args.warmup + args.steps
     total = timed_steps + (profiler.runs if profiler else 0)
     off = (
@@ -250,22 +344,22 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
         f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
     ]
     cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark")
-    timer = StepTimer(cuda)
+    paired = PairedBare(BareLoop(cli, cuda), timed_steps, cuda) if pair else None
+    timer = StepTimer(cuda, paired.bare if paired else None)
     cli.trainer.callbacks.append(timer)
+    if paired:  # after the timer, so fit's step is timed without it
+        cli.trainer.callbacks.append(paired)
     probe = FitProfiler(profiler, start_at=timed_steps) if profiler else None
     if probe:  # after the timer: a profiled step holds the timer's synchronisations, as a timed one
         cli.trainer.callbacks.append(probe)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(cli.model, cli.datamodule)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    if profiler and profiler.peak_before is not None:
-        peak = profiler.peak_before
     n = timed_steps
+    peak = max(timer.peaks[:n]) if cuda else None  # the timed steps' (and their warm-up's), not the profiled ones
     fit = summarise(timer.times[:n], timer.tokens[:n], args.warmup, peak, timer.examples[:n], timer.widths[:n])
     if profiler:
         fit["profile"] = profiler.summarise() | {"dtypes": probe.dtypes}
-    return cli, fit, host_time(cli.trainer.profiler, args.steps, fit["ms"], after=profiler.runs if profiler else 0)
+    host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=profiler.runs if profiler else 0)
+    return (cli, fit, host, paired) if pair else (cli, fit, host)
 
 
 def epochs(loader):
@@ -274,30 +368,11 @@ def epochs(loader):
         yield from loader
 
 
-def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()) -> dict:
-    """Time the bare loop's steps; with a ``profiler``, run its steps after the timed ones under it (not timed).
-    ``met``: the sequence widths ``fit`` ran before it in this process."""
-    from peft import LoraConfig, get_peft_model
-
-    from cgc_lightning.hf import load_model
-    from cgc_lightning.inject import adapted_layers
-
-    device = torch.device("cuda" if cuda else "cpu")
-    precision = str(cli.trainer.precision)
-    cfg = cli.model.adapter_config
-    rank = active_rank(cfg)
-    model = load_model(cli.model.model_spec)
-    if precision.startswith("bf16-true"):
-        model = model.to(torch.bfloat16)
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in adapted_layers(cli.model.model)})  # as resolved
-    lora = LoraConfig(
-        r=rank, lora_alpha=rank * cfg.alpha / cfg.r, lora_dropout=cfg.dropout, target_modules=targets
-    )  # as the fit
-    model = get_peft_model(model, lora).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cli.model.lr)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16-mixed") else nullcontext()
-    )
+def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=(), bare: BareLoop | None = None):
+    """Time the bare loop's steps, alone in the process (``fit``'s model has gone back to the host); with a
+    ``profiler``, run its steps after the timed ones under it (not timed). ``met``: the sequence widths ``fit`` ran
+    before it in this process; ``bare``: the loop to run (the one paired with fit's steps), or a new one."""
+    bare = bare or BareLoop(cli, cuda)
     loader = cli.datamodule.train_dataloader()
     times, tokens, widths, probe, dtypes, timed_steps, peak = [], [], [], None, {}, args.warmup + args.steps, None
     if cuda:
@@ -308,15 +383,10 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
         if cuda:
             torch.cuda.synchronize()
         if profiler and i == timed_steps:
-            probe = DtypeProbe(*first_peft_layer(model))
+            probe = DtypeProbe(*first_peft_layer(bare.model))
             profiler.begin()
         t = time.perf_counter()
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        with autocast:
-            loss = model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(device)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = bare.step(batch)
         if cuda:
             torch.cuda.synchronize()
         if i >= timed_steps:
@@ -326,11 +396,11 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
             continue
         times.append(time.perf_counter() - t)
         tokens.append(int(batch["attention_mask"].sum()))
-        widths.append(int(ids.shape[1]))
+        widths.append(int(batch["input_ids"].shape[1]))
         peak = torch.cuda.max_memory_allocated() if cuda else None
     assert torch.isfinite(loss), f"bare loop: non-finite loss {loss}"
-    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the base model, as fit's count
-    out = summarise(times, tokens, args.warmup, peak, widths=widths, met=met) | {"rank": rank, "params": base}
+    out = summarise(times, tokens, args.warmup, peak, widths=widths, met=met)
+    out |= {"rank": bare.rank, "params": bare.base_params}  # the base model, as fit's count
     return out | ({"profile": profiler.summarise() | {"dtypes": dtypes}} if profiler else {})
 
 
@@ -379,12 +449,18 @@ def main(argv: list[str] | None = None) -> dict:
         profilers = {n: StepProfiler(n, args.profile, cuda, folder) for n in profilers}
     with tempfile.TemporaryDirectory() as tmp:
         overrides += size_overrides(args, Path(tmp))
-        cli, fit, host = run_fit(args, overrides, Path(tmp), cuda, profilers["fit"])
+        cli, fit, host, paired = run_fit(args, overrides, Path(tmp), cuda, profilers["fit"], pair=True)
         shape = model_shape(args.size, cli.model.model)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        bare = run_bare(args, cli, cuda, profilers["bare"], met=fit["widths"])
+        alone = run_bare(args, cli, cuda, profilers["bare"], met=fit["widths"], bare=paired.bare)
+    if len(paired.times) != len(fit["widths"]):
+        raise SystemExit("fit_loop pairs fit's padded batches with a bare loop; for packed rows use benchmarks.packing")
+    assert all(torch.isfinite(x) for x in paired.losses), "bare loop: a non-finite loss"
+    # the bare steps paired with fit's, on the same batches; its peak memory is the bare loop's alone
+    bare = summarise(paired.times, fit["step_tokens"], args.warmup, None, widths=fit["widths"], met=fit["widths"])
+    bare |= {"rank": alone["rank"], "params": alone["params"], "peak_gib": alone["peak_gib"]}
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
     print(
@@ -401,31 +477,39 @@ def main(argv: list[str] | None = None) -> dict:
         f"{shape['params']:,} base parameters ({weights} weights, {spec.dtype}), "
         f"{shape['trainable']:,} trainable; fit loss: {loss}"
     )
-    print(f"{'loop':<6} {'ms/step':>9} {'tokens/s':>11} {'peak GiB':>9} {'ms x bare':>10} {'mem x bare':>11}")
-    for name, r in (("fit", fit), ("bare", bare)):
+    print(f"{'loop':<10} {'ms/step':>9} {'tokens/s':>11} {'peak GiB':>9} {'ms x bare':>10} {'mem x bare':>11}")
+    for name, r in (("fit", fit), ("bare", bare), ("bare alone", alone)):
         mem = f"{r['peak_gib']:>9.2f}" if r["peak_gib"] is not None else f"{'n/a':>9}"
         ratio_mem = (
             f"{r['peak_gib'] / bare['peak_gib']:>11.2f}" if r["peak_gib"] and bare["peak_gib"] else f"{'n/a':>11}"
         )
-        print(f"{name:<6} {r['ms']:>9.1f} {r['tokens_per_s']:>11,.0f} {mem} {r['ms'] / bare['ms']:>10.2f} {ratio_mem}")
-    known = fit["ms_known_widths"] and bare["ms_known_widths"]
+        print(f"{name:<10} {r['ms']:>9.1f} {r['tokens_per_s']:>11,.0f} {mem} {r['ms'] / bare['ms']:>10.2f} {ratio_mem}")
+    per_step = [f / b for f, b in zip(fit["step_s"], bare["step_s"], strict=True)]
+    q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
     print(
-        f"sequence widths: {len(set(fit['widths']))} in fit's {len(fit['widths'])} steps; timed steps at a width new "
-        f"to the process (a GPU builds attention plans for it): fit {fit['new_widths']}, bare {bare['new_widths']} of "
-        f"{args.steps}"
-        + (
-            f"; median of the others: fit {fit['ms_known_widths']:.1f} ms, bare {bare['ms_known_widths']:.1f} ms, "
-            f"{fit['ms_known_widths'] / bare['ms_known_widths']:.2f}x"
-            if known
-            else ""
-        )
+        "bare: a bare step on each of fit's batches right after fit's own (paired, so both see the machine's pace "
+        f"of that moment); per-step fit / bare: median {statistics.median(per_step):.2f}x, quartiles "
+        f"{q[0]:.2f}-{q[2]:.2f}x. bare alone: the same loop over the same batches after fit, alone in the process "
+        "(its peak memory is the bare row's)"
     )
+    new = fit["new_at"]
+    known = [i for i, fresh in enumerate(new) if not fresh]
+    line = (
+        f"sequence widths: {len(set(fit['widths']))} in fit's {len(fit['widths'])} steps; timed steps at a width new "
+        f"to the process (a GPU builds attention plans for it): fit {fit['new_widths']} of {args.steps}, "
+        f"bare alone {alone['new_widths']} (a paired bare step finds fit's plans built)"
+    )
+    if known and len(known) < len(new):
+        kf = statistics.median(fit["step_s"][i] for i in known) * 1e3
+        kb = statistics.median(bare["step_s"][i] for i in known) * 1e3
+        line += f"; median of the others: fit {kf:.1f} ms, bare {kb:.1f} ms, {kf / kb:.2f}x"
+    print(line)
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
     if args.profile:
-        report({"fit": fit["profile"], "bare": bare["profile"]}, cuda)
-    return {"fit": fit, "bare": bare, "host": host, "model": shape}
+        report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
+    return {"fit": fit, "bare": bare, "bare_alone": alone, "host": host, "model": shape}
 
 
 if __name__ == "__main__":

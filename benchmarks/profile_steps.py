@@ -71,15 +71,12 @@ class StepProfiler:
         schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
         self.prof = torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True)
         self.done, self.active, self.wall_s = 0, False, 0.0
-        self.peak_before: int | None = None  # the loop's peak memory before profiling, for its timed report
         self.sync_sites: Counter = Counter()
         self._warnings = None
         self.host_values = HostValueProbe()
 
     def begin(self) -> None:
         """Call before the first of the ``runs`` steps."""
-        if self.cuda:
-            self.peak_before = torch.cuda.max_memory_allocated()
         self.active = True
         self.host_values.__enter__()
         self.prof.start()

@@ -1,6 +1,10 @@
 """The benchmarks run at a tiny size on the CPU (their own correctness checks included); no timing is asserted."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
+import torch
 
 from benchmarks import adapter_layer
 
@@ -29,8 +33,30 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert (result["model"]["size"], result["model"]["hidden_size"]) == ("config", 32), "tiny.yaml's fixture model"
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
     # the same batches in the same order: the same widths, each of which fit met before the bare loop did
-    assert result["bare"]["widths"] == result["fit"]["widths"] and len(result["fit"]["widths"]) == 3
-    assert result["bare"]["new_widths"] == 0 and "timed steps at a width new to the process" in out
+    alone = result["bare_alone"]
+    assert result["bare"]["widths"] == alone["widths"] == result["fit"]["widths"] and len(alone["widths"]) == 3
+    assert alone["new_widths"] == 0 and "timed steps at a width new to the process" in out
+    # the bare row times a bare step paired with each of fit's timed steps; "bare alone" runs after fit
+    assert len(result["bare"]["step_s"]) == len(result["fit"]["step_s"]) == 2
+    assert result["bare"]["step_s"] != alone["step_s"] and "per-step fit / bare: median" in out
+    assert "bare alone" in out and "PairedBare" not in out
+
+
+def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
+    """Fit's peak memory leaves out what the paired bare loop keeps on the device: its model and AdamW's state."""
+    from benchmarks.fit_loop import BareLoop, build_cli
+
+    cli = build_cli("experiments/tiny.yaml", [], Path(tempfile.mkdtemp()), "resident")
+    bare = BareLoop(cli, cuda=False)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    model_bytes = sum(t.numel() * t.element_size() for t in [*bare.model.parameters(), *bare.model.buffers()])
+    assert bare.resident_bytes() == model_bytes
+    assert torch.isfinite(bare.step(batch))
+    trainable = [p for p in bare.model.parameters() if p.requires_grad]
+    # AdamW: two moments per trainable tensor and a float32 step count each
+    state = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)
+    assert bare.resident_bytes() == model_bytes + state
+    assert all(p.grad is None for p in trainable), "the step leaves no gradients behind"
 
 
 def test_fit_loop_counts_timed_steps_at_a_width_the_process_had_not_met():
@@ -74,7 +100,7 @@ def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_
     out = capsys.readouterr().out
     assert "profile: 2 steps of each loop" in out and "fit / bare" in out
     for loop in ("fit", "bare"):
-        prof = result[loop]["profile"]
+        prof = result["bare_alone" if loop == "bare" else loop]["profile"]  # bare profiles its own run
         assert f"{loop}: top 15 ops by self CPU ms per step" in out and f"{loop}: Chrome trace" in out
         assert len(prof["top"]) == 15 and all(t["calls"] > 0 and t["ms"] >= 0 for t in prof["top"])
         assert prof["aten_ops"] > 0 and prof["device_ms"] is None, "CPU: no device time"
@@ -88,7 +114,7 @@ def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_
         assert any(op == "aten::_local_scalar_dense" for op, _, _ in prof["host_value_sites"])
     sites = [where for _, _, where in result["fit"]["profile"]["host_value_sites"]]
     assert any("cgc_lightning/guard.py" in w for w in sites), "the run guard's one read of the non-finite flag"
-    assert not any("cgc_lightning/" in w for _, _, w in result["bare"]["profile"]["host_value_sites"])
+    assert not any("cgc_lightning/" in w for _, _, w in result["bare_alone"]["profile"]["host_value_sites"])
 
 
 def test_fit_loop_benchmark_runs_both_loops_on_a_named_llama_size(capsys):
