@@ -82,6 +82,56 @@ def test_compiled_step_follows_the_batchs_task_ids():
             assert_close(compiled(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-12, atol=0)
 
 
+def address_recorder():
+    """A compile backend (``aot_eager``) that notes, on every call of the compiled graph, the address of each input
+    dynamo holds fixed (parameters, tensors read from module attributes): ``(calls, backend)``."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._dynamo.utils import get_static_address_type
+
+    calls = []
+
+    def recorder(gm, example_inputs):
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        fixed = [
+            i
+            for i, x in enumerate(example_inputs)
+            if isinstance(x, torch.Tensor) and (isinstance(x, torch.nn.Parameter) or get_static_address_type(x))
+        ]
+        compiled = aot_eager(gm, example_inputs)
+
+        def run(*args):
+            calls.append({names[i]: args[i].data_ptr() for i in fixed})
+            return compiled(*args)
+
+        return run
+
+    return calls, recorder
+
+
+def moved_inputs(calls) -> list[str]:
+    return sorted(name for name in calls[0] if len({c[name] for c in calls}) > 1)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_persistent_routing_keeps_packed_rows_ids_where_the_compiled_graph_reads_them(persistent):
+    """Packed rows route a task per token, ``(B, T)`` ids; each batch's are new. Without ``persistent`` the graph
+    finds its routing ids moved in every step (what made CUDA graphs record every step), with it never."""
+    torch._dynamo.reset()
+    model = tiny_model("llama").train()
+    inject_adapters(model, CONFIGS["cgc_lora"], LAYOUT)
+    calls, recorder = address_recorder()
+    compiled = torch.compile(model, backend=recorder)
+    x = ids(length=6)
+    for seed in range(3):
+        tasks = torch.randint(0, 4, x.shape, generator=torch.Generator().manual_seed(seed))  # (B, T)
+        with route(model, tasks, validate=False, persistent=persistent):
+            compiled(input_ids=x, labels=x).loss.backward()
+    assert len(calls) == 3
+    moved = moved_inputs(calls)
+    assert moved if not persistent else not moved, moved
+    assert all("routing" in name for name in moved), moved
+
+
 # --------------------------------------------------------------------------------- the module's option
 
 FIXTURE = str(Path(__file__).resolve().parent / "fixtures" / "tiny-llama")
@@ -160,30 +210,11 @@ def test_compiled_steps_find_what_the_graph_holds_fixed_at_the_same_address_ever
     otherwise they record the graph again, which made every compiled ``fit`` step 5x the eager one while
     the same step with one reused ids tensor ran at 0.6x (docs/benchmarks.md). Checked on the CPU with a
     backend that notes those addresses on every call of the compiled graph."""
-    from torch._dynamo.backends.debugging import aot_eager
-    from torch._dynamo.utils import get_static_address_type
-
-    calls = []
-
-    def recorder(gm, example_inputs):
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        fixed = [
-            i
-            for i, x in enumerate(example_inputs)
-            if isinstance(x, torch.Tensor) and (isinstance(x, torch.nn.Parameter) or get_static_address_type(x))
-        ]
-        compiled = aot_eager(gm, example_inputs)
-
-        def run(*args):
-            calls.append({names[i]: args[i].data_ptr() for i in fixed})
-            return compiled(*args)
-
-        return run
-
+    calls, recorder = address_recorder()
     torch._dynamo.reset()
     fit_module(tmp_path, {"backend": recorder}, steps=4, adapter=adapter)
     assert len(calls) == 4 and any("routing" in name for name in calls[0]), list(calls[0])
-    moved = sorted(name for name in calls[0] if len({c[name] for c in calls}) > 1)
+    moved = moved_inputs(calls)
     assert not moved, f"fixed graph inputs at a new address in a later step: {moved}"
 
 
