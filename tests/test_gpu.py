@@ -139,9 +139,11 @@ class LossRecorder:
             def __init__(self):
                 self.losses: list[float] = []
                 self.devices: set[str] = set()
+                self.shapes: list[tuple[int, ...]] = []
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 self.losses.append(float(outputs["loss"]))
+                self.shapes.append(tuple(batch["input_ids"].shape))
                 self.devices |= {p.device.type for _, p in adapter_parameters(pl_module.model)}
                 self.devices.add(batch["input_ids"].device.type)
 
@@ -233,14 +235,27 @@ def test_gradient_checkpointing_gives_the_same_step_on_gpu(experiment, tmp_path,
 
 
 def test_compiled_training_with_cuda_graphs_matches_eager(experiment, tmp_path, monkeypatch):
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
     monkeypatch.chdir(tmp_path)
-    curves = {}
+    curves, shapes = {}, []
+    from torch._inductor import cudagraph_trees
+
+    graph_log, records = cudagraph_trees.log, Records()  # an artifact logger, off unless TORCH_LOGS names it
     for name, compile_arg in (("eager", "false"), ("compiled", "{mode: reduce-overhead}")):
         cli = build_cli(
             experiment,
             f"--model.compile={compile_arg}",
             "--model.adapter.dropout=0",
-            "--trainer.max_steps=4",
+            "--trainer.max_steps=8",
             "--trainer.val_check_interval=4",
             "--seesaw.enabled=false",
             "--grad_conflict.enabled=false",
@@ -248,12 +263,30 @@ def test_compiled_training_with_cuda_graphs_matches_eager(experiment, tmp_path, 
         )
         recorder = LossRecorder()
         cli.trainer.callbacks.append(recorder)
-        cli.trainer.fit(cli.model, cli.datamodule)
-        curves[name] = recorder.losses
+        if name == "compiled":  # CUDA graph trees log each recording at DEBUG
+            level = graph_log.level
+            graph_log.setLevel(logging.DEBUG)
+            graph_log.addHandler(records)
+        try:
+            cli.trainer.fit(cli.model, cli.datamodule)
+        finally:
+            graph_log.removeHandler(records)
+            if name == "compiled":
+                graph_log.setLevel(level)
+        curves[name], shapes = recorder.losses, recorder.shapes
         assert_task_metrics({k: float(v) for k, v in cli.trainer.callback_metrics.items()}, "val")
-    assert len(curves["compiled"]) == 4
-    # the same batches and initial weights; bf16 kernels fused differently round differently
-    torch.testing.assert_close(torch.tensor(curves["compiled"]), torch.tensor(curves["eager"]), rtol=3e-2, atol=3e-2)
+    assert len(curves["compiled"]) == 8
+    # the graphs are recorded once per batch shape, forward and backward (and once more for the first shape when a
+    # second one makes dynamo compile a dynamic graph), then replayed. When each batch's routing ids were a new
+    # tensor, every step recorded them again (8f0f898): 5x the eager step at 1B.
+    recorded = [m for m in records.messages if "Recording function" in m]
+    bound = 2 * (len(set(shapes)) + 1)
+    assert 0 < len(recorded) <= bound, (len(recorded), bound, sorted(set(shapes)), recorded[:4])
+    # the same batches and initial weights; bf16 kernels fused differently round differently, more with each step
+    assert all(torch.isfinite(torch.tensor(c)).all() for c in curves.values())
+    torch.testing.assert_close(
+        torch.tensor(curves["compiled"][:4]), torch.tensor(curves["eager"][:4]), rtol=3e-2, atol=3e-2
+    )
 
 
 def test_resume_after_sigkill_on_gpu(experiment, tmp_path):
