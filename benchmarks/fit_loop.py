@@ -18,9 +18,12 @@ process, for its peak memory and as a check on the pairing.
 
 Per loop: the median step time (CUDA-synchronised at each step's start and end) after ``--warmup`` steps,
 tokens/s over non-pad tokens, and peak GPU memory (``max_memory_allocated`` within each step, the most over
-the steps; for ``fit`` less what the paired bare loop keeps on the device, its model and AdamW's state). For ``fit``, where the host time goes: Lightning's ``SimpleProfiler`` times every hook on the
-host (asynchronous CUDA work is not waited for), grouped as data (fetching and moving the batch), forward +
-routing + per-task loss (``training_step``), backward, optimizer, callbacks and logging.
+the steps; for ``fit`` less what the paired bare loop keeps on the device, its model and AdamW's state; for
+``bare alone`` less what fit left there, such as a compiled fit's CUDA graph pool); and the first step's time
+(compilation and first-use costs), outside the medians. For ``fit``, where the host time goes: Lightning's
+``SimpleProfiler`` times every hook on the host (asynchronous CUDA work is not waited for), grouped as data
+(fetching and moving the batch), forward + routing + per-task loss (``training_step``), backward, optimizer,
+callbacks and logging.
 
 ``--size`` picks the model: ``config`` (the default) runs the one the config names; a size of
 ``benchmarks.shapes.SIZES`` (``tiny``, ``host``, ``135m``, ``1b``, ``3b``: Llama-3.2-1B and -3B for the last two)
@@ -247,6 +250,7 @@ def summarise(
         "peak_gib": None if peak is None else peak / 2**30,
         "step_s": t,
         "step_tokens": tokens,
+        "first_s": times[0],
     }
     if examples:
         out["examples_per_step"] = statistics.mean(examples[warmup:])
@@ -375,7 +379,10 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
     bare = bare or BareLoop(cli, cuda)
     loader = cli.datamodule.train_dataloader()
     times, tokens, widths, probe, dtypes, timed_steps, peak = [], [], [], None, {}, args.warmup + args.steps, None
+    others = 0  # what other code left on the device (a compiled fit's CUDA graph pool), not the bare loop's
     if cuda:
+        torch.cuda.synchronize()
+        others = torch.cuda.memory_allocated() - bare.resident_bytes()
         torch.cuda.reset_peak_memory_stats()
     for i, batch in enumerate(epochs(loader)):
         if i == timed_steps + (profiler.runs if profiler else 0):
@@ -397,7 +404,7 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
         times.append(time.perf_counter() - t)
         tokens.append(int(batch["attention_mask"].sum()))
         widths.append(int(batch["input_ids"].shape[1]))
-        peak = torch.cuda.max_memory_allocated() if cuda else None
+        peak = torch.cuda.max_memory_allocated() - others if cuda else None
     assert torch.isfinite(loss), f"bare loop: non-finite loss {loss}"
     out = summarise(times, tokens, args.warmup, peak, widths=widths, met=met)
     out |= {"rank": bare.rank, "params": bare.base_params}  # the base model, as fit's count
@@ -504,6 +511,10 @@ def main(argv: list[str] | None = None) -> dict:
         kb = statistics.median(bare["step_s"][i] for i in known) * 1e3
         line += f"; median of the others: fit {kf:.1f} ms, bare {kb:.1f} ms, {kf / kb:.2f}x"
     print(line)
+    print(
+        f"first step: fit {fit['first_s']:.1f} s, bare {bare['first_s']:.1f} s (compilation, first-use costs; "
+        "not in the medians)"
+    )
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")

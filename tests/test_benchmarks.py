@@ -40,6 +40,8 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert len(result["bare"]["step_s"]) == len(result["fit"]["step_s"]) == 2
     assert result["bare"]["step_s"] != alone["step_s"] and "per-step fit / bare: median" in out
     assert "bare alone" in out and "PairedBare" not in out
+    # the first step (compilation, first-use costs) is reported on its own, outside the medians
+    assert result["fit"]["first_s"] > 0 and "first step: fit" in out
 
 
 def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
