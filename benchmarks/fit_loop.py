@@ -217,21 +217,18 @@ class PairedBare(Callback):
     (host-bound steps on a shared host vary by 20 % between runs) moves both alike."""
 
     def __init__(self, bare: BareLoop, steps: int, cuda: bool):
-        self.bare, self.steps, self.cuda, self.times, self.peaks, self.losses = bare, steps, cuda, [], [], []
+        self.bare, self.steps, self.cuda, self.times, self.losses = bare, steps, cuda, [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if len(self.times) == self.steps or batch.get("attention_mask") is None:  # packed rows: no bare twin
             return
         if self.cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         loss = self.bare.step(batch)
         if self.cuda:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t)
-        if self.cuda:
-            self.peaks.append(torch.cuda.max_memory_allocated())
         self.losses.append(loss)
 
 
