@@ -201,10 +201,12 @@ class BareLoop:
         return loss.detach()
 
     def resident_bytes(self) -> int:
-        """What the loop keeps between steps: the model's tensors and AdamW's state."""
+        """What the loop keeps between steps on its device: the model's tensors and AdamW's state.
+
+        Tensors are matched by device type: ``torch.device("cuda")`` is not equal to a tensor's ``cuda:0``."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [v for state in self.opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == self.device.type)
 
     @property
     def base_params(self) -> int:

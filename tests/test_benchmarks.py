@@ -59,6 +59,9 @@ def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
     state = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)
     assert bare.resident_bytes() == model_bytes + state
     assert all(p.grad is None for p in trainable), "the step leaves no gradients behind"
+    # a device named with an index matches tensors named without one, as "cuda" must match a tensor's "cuda:0"
+    bare.device = torch.device("cpu", 0)
+    assert bare.resident_bytes() == model_bytes + state
 
 
 def test_fit_loop_counts_timed_steps_at_a_width_the_process_had_not_met():
