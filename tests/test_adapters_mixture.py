@@ -58,3 +58,41 @@ def test_mixture_backward_passes_gradcheck(weights, with_out, needs):
             return DenseMixture.apply(x, A, B, w, rows, out, scaling)
 
     assert torch.autograd.gradcheck(fn, (x, A, B, w, out), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_under_autocast_the_gate_runs_in_its_own_dtype_and_only_its_weights_are_cast():
+    """bf16-mixed with float32 adapters: the gate table and its spread go into the node as they are (no cast of
+    either forward, no cast node backward); the softmax runs in float32 and only the per-sample weights are cast
+    for the bf16 products. Output and gradients are the float64 computation's, to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cgc_lightning.adapters.experts import apply_mixture
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy":
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    x64, A64, B64, logits64, out64 = inputs("gate", with_out=True)
+    spread64 = task_spread(ROWS, VISIBLE, E, torch.float64)
+    reference = GatedMixture.apply(x64, A64, B64, logits64, spread64, out64, 0.7)
+    x, A, B, logits, out = (t.float().requires_grad_() for t in (x64, A64, B64, logits64, out64))
+    spread = spread64.float()
+    with Copies() as copies:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = apply_mixture(GatedMixture, x, A, B, logits, spread, out, 0.7)
+        y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert logits.shape not in copies.shapes and spread.shape not in copies.shapes, copies.shapes
+    assert (N, 1, E, 1) in copies.shapes, "the per-sample weights are cast for the bf16 products"
+    assert logits.grad.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference, rtol=3e-2, atol=3e-2)
+    ref = [t.detach().requires_grad_() for t in (x64, A64, B64, logits64, out64)]
+    GatedMixture.apply(ref[0], ref[1], ref[2], ref[3], spread64, ref[4], 0.7).square().sum().backward()
+    for name, got, want in zip(["x", "A", "B", "logits", "out"], (x, A, B, logits, out), ref, strict=True):
+        assert (got.grad.double() - want.grad).norm() <= 3e-2 * want.grad.norm(), name

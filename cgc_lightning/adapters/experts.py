@@ -34,7 +34,8 @@ runs inside the same node (:class:`GatedMixture`): the sample-by-expert weights 
 the softmaxed table with a 0/1 matrix that depends only on the batch's task ids
 (:func:`task_spread`), built once per batch and shared by every layer, and the gate's backward is
 that product transposed and the softmax's backward. Per layer this leaves five kernels forward and
-nine backward, and no autograd node besides the mixture's own.
+nine backward, and no autograd node besides the mixture's own. Under autocast the gate stays in its own
+dtype (float32 gate logits with bf16 products): one cast of the small weights, none of the table.
 
 Everything here imports only torch.
 """
@@ -148,6 +149,8 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
         return t.to(dtype) if t is not None and t.is_floating_point() else t
 
     with torch.autocast(device, enabled=False):
+        if fn.gate_in_own_dtype:  # the gate table and its spread as they are (see GatedMixture)
+            return fn.apply(cast(x), cast(A), cast(B), a, b, cast(out), scaling)
         return fn.apply(cast(x), cast(A), cast(B), cast(a), cast(b), cast(out), scaling)
 
 
@@ -205,6 +208,9 @@ class DenseMixture(torch.autograd.Function):
     and :func:`mixture_backward`.
     """
 
+    #: :func:`apply_mixture` casts every floating input to the autocast dtype
+    gate_in_own_dtype = False
+
     @staticmethod
     def forward(ctx, x, A, B, w, rows, out, scaling: float):
         ws = None
@@ -240,13 +246,22 @@ class GatedMixture(torch.autograd.Function):
     The weight of expert ``e`` for sample ``b`` is ``w[b, e] = sum_{t,k} spread[(b, e), (t, k)] softmax(logits)[t, k]``,
     one ``mv``; its gradient goes back to the table through ``spread^T`` and the softmax's backward. Kept for
     backward: what :class:`DenseMixture` keeps, plus the softmaxed table ``p (n, k)`` and ``w (B, E)``.
+
+    The gate runs in the dtype of ``logits`` (``spread`` must have it too), also under autocast: float32 gate
+    logits are softmaxed in float32 and only ``w`` is cast to the products' dtype, so a layer spends no cast
+    of its table or of the spread forward and no cast node backward, and ``g_logits`` comes back in the
+    logits' own dtype.
     """
+
+    #: :func:`apply_mixture` leaves ``logits`` and ``spread`` in their own dtype
+    gate_in_own_dtype = True
 
     @staticmethod
     def forward(ctx, x, A, B, logits, spread, out, scaling: float):
         n, E = x.shape[0], B.shape[0]
         p = torch.softmax(logits, dim=-1)  # (n_rows, k)
         w = torch.mv(spread, p.view(-1)).view(n, 1, E, 1)  # (B, 1, E, 1): 0 for the experts a sample does not see
+        w = w.to(x.dtype)  # no copy unless the gate's dtype differs (float32 gates under bf16 autocast)
         y, z, u = mixture_forward(x, A, B, w, out, scaling)
         ctx.save_for_backward(x, A, B, z, u, p, w, spread)
         ctx.scaling = scaling
