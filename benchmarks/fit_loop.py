@@ -133,11 +133,13 @@ def model_shape(size: str, model: torch.nn.Module) -> dict:
 
 class StepTimer(Callback):
     """Wall time of each training step (synchronised), its non-pad tokens, its examples and its width; on a GPU
-    also the peak memory allocated within the step (``peaks``), less what a ``paired`` bare loop holds then."""
+    also the peak memory allocated within the step (``peaks``), less what a ``paired`` bare loop holds then.
+    ``starts``: when each step began, so that whole iterations (the step plus what Lightning does between steps:
+    fetching the next batch, logging) can be timed from one start to the next."""
 
     def __init__(self, cuda: bool, paired: BareLoop | None = None):
         self.cuda, self.paired = cuda, paired
-        self.times, self.tokens, self.examples, self.widths, self.peaks = [], [], [], [], []
+        self.times, self.tokens, self.examples, self.widths, self.peaks, self.starts = [], [], [], [], [], []
 
     def _sync(self):
         if self.cuda:
@@ -149,6 +151,7 @@ class StepTimer(Callback):
             self._other = self.paired.resident_bytes() if self.paired else 0
             torch.cuda.reset_peak_memory_stats()
         self._t = time.perf_counter()
+        self.starts.append(self._t)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync()
@@ -333,7 +336,8 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     ``pair``, a :class:`BareLoop` runs a step on each of the timed batches right after fit's (:class:`PairedBare`),
     returned as the fourth value; fit's peak memory leaves out what the bare loop holds."""
     timed_steps = args.warmup + args.steps
-    total = timed_steps + (profiler.runs if profiler else 0)
+    after = profiler.runs if profiler else 1  # steps after the timed ones: at least one, whose start ends the last
+    total = timed_steps + after
     off = (
         [f"--{c}.enabled=false" for c in ("seesaw", "grad_conflict", "gate_usage")] if args.diagnostics == "off" else []
     )
@@ -359,10 +363,25 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     n = timed_steps
     peak = max(timer.peaks[:n]) if cuda else None  # the timed steps' (and their warm-up's), not the profiled ones
     fit = summarise(timer.times[:n], timer.tokens[:n], args.warmup, peak, timer.examples[:n], timer.widths[:n])
+    fit |= iterations(timer.starts, paired.times if paired else None, args.warmup, n)
     if profiler:
         fit["profile"] = profiler.summarise() | {"dtypes": probe.dtypes}
-    host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=profiler.runs if profiler else 0)
+    host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=after)
     return (cli, fit, host, paired) if pair else (cli, fit, host)
+
+
+def iterations(starts: list[float], paired: list[float] | None, warmup: int, n: int) -> dict:
+    """Whole training iterations of the timed steps ``warmup .. n - 1``, from one step's start to the next's, less
+    the paired bare step that runs inside each: the step plus what the step's own window leaves out (fetching and
+    collating the next batch, moving it to the device, Lightning's logging, hooks between steps). A mean, not a
+    median: logging every ``log_every_n_steps`` steps costs in those steps only.
+
+    Returns ``iteration_ms`` (the mean), ``iteration_s`` (each) and, with ``paired``, ``paired_mean_ms``."""
+    gaps = [starts[i + 1] - starts[i] - (paired[i] if paired else 0.0) for i in range(warmup, n)]
+    out = {"iteration_ms": statistics.mean(gaps) * 1e3, "iteration_s": gaps}
+    if paired:
+        out["paired_mean_ms"] = statistics.mean(paired[warmup:n]) * 1e3
+    return out
 
 
 def epochs(loader):
@@ -513,6 +532,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"first step: fit {fit['first_s']:.1f} s, bare {bare['first_s']:.1f} s (compilation, first-use costs; "
         "not in the medians)"
+    )
+    window = statistics.mean(fit["step_s"]) * 1e3
+    print(
+        f"fit, whole iterations (mean of the timed steps, each from its start to the next step's, less the paired "
+        f"bare step): {fit['iteration_ms']:.1f} ms, {fit['iteration_ms'] / fit['paired_mean_ms']:.2f}x the paired bare "
+        f"step's mean ({fit['paired_mean_ms']:.1f} ms); the step's own window averages {window:.1f} ms, so "
+        f"{fit['iteration_ms'] - window:.1f} ms a step go to fetching the next batch, logging (every "
+        f"{cli.trainer.log_every_n_steps} steps) and the hooks between steps, which the bare rows do not time"
     )
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():

@@ -42,6 +42,10 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert "bare alone" in out and "PairedBare" not in out
     # the first step (compilation, first-use costs) is reported on its own, outside the medians
     assert result["fit"]["first_s"] > 0 and "first step: fit" in out
+    # whole iterations hold each timed step's own window and what runs between steps (the paired bare step left out)
+    fit = result["fit"]
+    assert len(fit["iteration_s"]) == len(fit["step_s"]) == 2 and "fit, whole iterations" in out
+    assert all(i > s for i, s in zip(fit["iteration_s"], fit["step_s"], strict=True))
 
 
 def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
