@@ -148,10 +148,10 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
     def cast(t):
         return t.to(dtype) if t is not None and t.is_floating_point() else t
 
+    if not fn.gate_in_own_dtype:  # else the gate table and its spread go in as they are (see GatedMixture)
+        a, b = cast(a), cast(b)
     with torch.autocast(device, enabled=False):
-        if fn.gate_in_own_dtype:  # the gate table and its spread as they are (see GatedMixture)
-            return fn.apply(cast(x), cast(A), cast(B), a, b, cast(out), scaling)
-        return fn.apply(cast(x), cast(A), cast(B), cast(a), cast(b), cast(out), scaling)
+        return fn.apply(cast(x), cast(A), cast(B), a, b, cast(out), scaling)
 
 
 def mixture_forward(x, A, B, w, out, scaling: float):
