@@ -305,9 +305,9 @@ def host_time(profiler, steps: int, step_ms: float, after: int = 0) -> dict[str,
     return out
 
 
-def build_cli(config: str, args: list[str], store: Path, experiment: str):
+def build_cli(config: str, args: list[str], store: Path, experiment: str, progress_bar: bool = False):
     """The CLI's module, data module and trainer for ``config`` plus ``args``, not run; MLflow logs and outputs go
-    to a throw-away ``store`` folder."""
+    to a throw-away ``store`` folder. ``progress_bar``: the CLI's own bar, as a user gets it (else none)."""
     from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
     from cgc_lightning.module import MultiTaskLoRAModule
     from cgc_lightning.tracking import MLflowConfigCallback
@@ -322,7 +322,7 @@ def build_cli(config: str, args: list[str], store: Path, experiment: str):
             "--config",
             config,
             *args,
-            "--trainer.enable_progress_bar=false",
+            f"--trainer.enable_progress_bar={str(progress_bar).lower()}",
             f"--trainer.default_root_dir={store / 'outputs'}",
             f"--trainer.logger.init_args.tracking_uri=sqlite:///{store / 'mlflow.db'}",
             f"--trainer.logger.init_args.experiment_name={experiment}",
@@ -350,7 +350,8 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
         '--trainer.profiler={"class_path": "lightning.pytorch.profilers.SimpleProfiler", '
         f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
     ]
-    cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark")
+    bar = getattr(args, "progress_bar", "off") == "on"
+    cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark", bar)
     paired = PairedBare(BareLoop(cli, cuda), timed_steps, cuda) if pair else None
     timer = StepTimer(cuda, paired.bare if paired else None)
     cli.trainer.callbacks.append(timer)
@@ -444,6 +445,12 @@ def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on"
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--diagnostics", choices=["on", "off"], default=diagnostics, help="the diagnostics callbacks")
+    p.add_argument(
+        "--progress-bar",
+        choices=["on", "off"],
+        default="off",
+        help="fit's progress bar as the CLI adds it (on: what a user at a terminal gets; it reads the logged metrics)",
+    )
     p.add_argument(
         "--size",
         choices=["config", *SIZES],

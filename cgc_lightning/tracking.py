@@ -14,8 +14,10 @@ Unless ``MLFLOW_TRACKING_URI`` or the config says otherwise, runs go to ``sqlite
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import secrets
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -91,7 +94,8 @@ def replay_unsent(path: str | Path, tracking_uri: str | None = None) -> int:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            metrics += [Metric(k, v, now, row["step"] or 0) for k, v in row["metrics"].items()]
+            stamp = row.get("timestamp", now)  # when the run logged it (files written before 2026-12-02 have none)
+            metrics += [Metric(k, v, stamp, row["step"] or 0) for k, v in row["metrics"].items()]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
     path.unlink()
@@ -139,6 +143,49 @@ class LockRetryingClient(MlflowClient):
         return retry_when_locked(super().set_tag, *args, **kwargs)
 
 
+#: MLflow's limit on the metrics of one ``log_batch`` request.
+MAX_METRICS_PER_WRITE = 1000
+
+
+class Logged(NamedTuple):
+    """One ``log_metrics`` call: its metrics, step, and when it was made (ms since the epoch, as MLflow keeps it)."""
+
+    metrics: dict
+    step: int | None
+    timestamp: int
+
+
+class WriteError(RuntimeError):
+    """A store write failed; ``left`` holds the entries not written (the failed request's and those after it)."""
+
+    def __init__(self, message: str, left: list[Logged]):
+        super().__init__(message)
+        self.left = left
+
+
+def _batches(entries: list[Logged], limit: int):
+    """Consecutive groups of entries of at most ``limit`` metrics each (an entry is never split)."""
+    group, size = [], 0
+    for e in entries:
+        if group and size + len(e.metrics) > limit:
+            yield group
+            group, size = [], 0
+        group.append(e)
+        size += len(e.metrics)
+    if group:
+        yield group
+
+
+def _metric_key(key: str) -> str:
+    """``key`` with the characters MLflow refuses dropped, as Lightning's own logger does."""
+    clean = re.sub("[^a-zA-Z0-9_/. -]+", "", key)
+    if clean != key:
+        warnings.warn(
+            f"MLflow only allows '_', '/', '.' and ' ' in metric names: {key!r} is logged as {clean!r}", stacklevel=3
+        )
+    return clean
+
+
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLflow logger with this project's defaults.
 
@@ -153,6 +200,13 @@ class MLflowLogger(MLFlowLogger):
         checkpoint_dir: checkpoints go to ``<checkpoint_dir>/<experiment id>/<run id>/checkpoints``.
         resume: ``fit`` resumed into ``run_id`` (set by the CLI): steps the run logged before its crash are not
             logged again.
+        flush_every_s: metrics are kept in memory and written to the store in one request at most this often
+            (``0``: one request per call, as Lightning's own logger). A store write costs milliseconds (a SQLite
+            commit, or a round trip to a server), so writing every logging step, plus the learning-rate monitor's
+            separate call, slows a fast training loop. What is kept is written at every checkpoint (so a resume
+            from it finds every earlier step in the store), at the end of the run, and on a crash; a process killed
+            with SIGKILL loses at most this many seconds of metrics, which a resume from its last checkpoint logs
+            again.
     """
 
     def __init__(
@@ -165,7 +219,10 @@ class MLflowLogger(MLFlowLogger):
         run_id: str | None = None,
         checkpoint_dir: str = "outputs",
         resume: bool = False,
+        flush_every_s: float = 2.0,
     ):
+        if not flush_every_s >= 0:
+            raise ValueError(f"trainer.logger.init_args.flush_every_s must be >= 0 seconds, got {flush_every_s!r}")
         tracking_uri = tracking_uri or default_tracking_uri()
         if tracking_uri.startswith(("http://", "https://")):
             # MLflow's own retries would hold the training loop for minutes per log call during an outage;
@@ -192,8 +249,12 @@ class MLflowLogger(MLFlowLogger):
         self.resume = resume
         self._logged_until: dict[str, int] = {}  # resumed run: last step already in the store, per metric
         self.final_status: str | None = None  # set by RunGuard: KILLED after Ctrl-C, rather than FAILED
-        self.unsent: list[tuple[dict, int | None]] = []  # metrics the store did not take (an outage), in order
+        self.unsent: list[Logged] = []  # metrics the store did not take (an outage), in order
         self._next_retry = 0.0
+        self.flush_every_s = float(flush_every_s)
+        self.pending: list[Logged] = []  # logged, not yet written (see flush_every_s)
+        self._last_write = -math.inf
+        self._write_at_save = False  # a checkpoint was saved: write at the logger connector's next save()
 
     @property
     def save_dir(self) -> str:
@@ -226,55 +287,100 @@ class MLflowLogger(MLFlowLogger):
             # steps between the checkpoint and the crash were logged already, with the same values (the
             # resume is exact): keep the history free of repeats by not logging them again
             metrics = {k: v for k, v in metrics.items() if step > self._last_logged_step(k)}
-        if metrics:
-            self._send(dict(metrics), step)
+        if not metrics:
+            return
+        self.pending.append(Logged(dict(metrics), step, int(time.time() * 1000)))
+        if time.monotonic() - self._last_write >= self.flush_every_s:
+            self.flush()
 
-    def _send(self, metrics: dict, step: int | None) -> None:
-        """Log, or keep for later while the store is unreachable: an outage must not end the training."""
+    def flush(self) -> None:
+        """Write the metrics kept in memory to the store, in as few requests as it takes (1,000 metrics each)."""
+        entries, self.pending = self.pending, []
+        if entries:
+            self._last_write = time.monotonic()
+            self._send(entries)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # every step up to the checkpoint is in the store before a crash can lose it: what was logged so far now,
+        # and the checkpointed step's own metrics, which Lightning logs after saving, at its next `save()`
+        self.flush()
+        self._write_at_save = True
+        super().after_save_checkpoint(checkpoint_callback)
+
+    @rank_zero_only
+    def save(self) -> None:
+        # Lightning's logger connector calls this right after each of its own `log_metrics` calls
+        super().save()
+        if self._write_at_save:
+            self._write_at_save = False
+            self.flush()
+
+    def _send(self, entries: list[Logged]) -> None:
+        """Write, or keep for later while the store is unreachable: an outage must not end the training."""
         if self.unsent and (time.monotonic() < self._next_retry or not self.flush_unsent()):
-            self._keep(metrics, step)
+            self._keep(entries)
             return
         try:
-            super().log_metrics(metrics, step)
-        except Exception as e:
+            self._write(entries)
+        except WriteError as e:
             if not self.unsent:
+                steps = sorted({entry.step for entry in e.left if entry.step is not None})
                 warnings.warn(
-                    f"MLflow tracking store {self._tracking_uri} did not take the metrics of step {step} ({e}). "
+                    f"MLflow tracking store {self._tracking_uri} did not take the metrics of steps {steps} ({e}). "
                     f"Training goes on; metrics are kept and sent when the store is back, and written to "
                     f"{self.unsent_path} until then",
                     stacklevel=2,
                 )
-            self._keep(metrics, step)
+            self._keep(e.left)
+
+    def _write(self, entries: list[Logged]) -> None:
+        """``log_batch`` the entries in requests of at most 1,000 metrics; :class:`WriteError` names what is left."""
+        from mlflow.entities import Metric
+
+        done = 0
+        for group in _batches(entries, MAX_METRICS_PER_WRITE):
+            metrics = [
+                Metric(key=_metric_key(k), value=v, timestamp=e.timestamp, step=e.step or 0)
+                for e in group
+                for k, v in e.metrics.items()
+                if not isinstance(v, str)
+            ]
+            try:
+                self.experiment.log_batch(run_id=self.run_id, metrics=metrics)
+            except Exception as err:
+                raise WriteError(str(err), entries[done:]) from err
+            done += len(group)
 
     @property
     def unsent_path(self) -> Path:
         """Where metrics the store did not take are written (JSON lines), beside the run's checkpoints."""
         return Path(self.checkpoint_dir) / str(self._experiment_id) / str(self._run_id) / "unsent_metrics.jsonl"
 
-    def _keep(self, metrics: dict, step: int | None) -> None:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self.unsent.append((metrics, step))
+    def _keep(self, entries: list[Logged]) -> None:
+        entries = [Logged({k: float(v) for k, v in e.metrics.items()}, e.step, e.timestamp) for e in entries]
+        self.unsent += entries
         self._next_retry = time.monotonic() + UNSENT_RETRY_S
         self.unsent_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.unsent_path, "a") as fh:
-            fh.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+            for e in entries:
+                fh.write(json.dumps({"step": e.step, "metrics": e.metrics, "timestamp": e.timestamp}) + "\n")
 
     def flush_unsent(self) -> bool:
         """Send the kept metrics; ``True`` when none are left."""
-        while self.unsent:
-            metrics, step = self.unsent[0]
-            try:
-                super().log_metrics(metrics, step)
-            except Exception:
-                self._next_retry = time.monotonic() + UNSENT_RETRY_S
-                return False
-            self.unsent.pop(0)
+        try:
+            self._write(self.unsent)
+        except WriteError as e:
+            self.unsent = list(e.left)
+            self._next_retry = time.monotonic() + UNSENT_RETRY_S
+            return False
+        self.unsent = []
         self.unsent_path.unlink(missing_ok=True)
         return True
 
     def finalize(self, status: str = "success") -> None:
         if status == "failed" and self.final_status:
             status = self.final_status
+        self.flush()
         if self.unsent and not self.flush_unsent():
             warnings.warn(
                 f"MLflow tracking store {self._tracking_uri} is still unreachable: {len(self.unsent)} metric logs of "

@@ -24,7 +24,7 @@ from pathlib import Path
 from cgc_lightning.tracking import MLflowLogger
 
 uri, start, rank, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-logger = MLflowLogger(experiment_name="stress", tracking_uri=uri, tags={"rank": str(rank)})
+logger = MLflowLogger(experiment_name="stress", tracking_uri=uri, tags={"rank": str(rank)}, flush_every_s=0)
 Path(f"{start}.ready{rank}").touch()
 while not start.exists():
     time.sleep(0.01)
