@@ -132,13 +132,18 @@ class StackedExperts(nn.Module):
         return self.num_experts * self.r <= DENSE_MAX_RANK
 
 
-def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
+def apply_mixture(fn, x, A, B, a, b, out, scaling: float, *, cast_weights: bool = True) -> torch.Tensor:
     """``fn.apply(x, A, B, a, b, out, scaling)`` for :class:`DenseMixture` and :class:`GatedMixture`.
 
     Under autocast (``bf16-mixed``, ``16-mixed``) a hand-written node would compute its forward products
     in the autocast dtype but its backward, which runs outside autocast, in the tensors' own dtypes, and
     fail on the mix. So the node runs with autocast off on its floating inputs cast to the autocast
     dtype: the casts are autograd ops, and float32 adapter weights get float32 gradients through them.
+
+    ``cast_weights=False`` leaves ``a`` and ``b`` (the weights, or a gate table and its spread) in their own
+    dtype: :class:`GatedMixture` runs its gate in the logits' dtype and casts only the small weights. The
+    choice is the caller's argument, not an attribute of ``fn``: Dynamo cannot read a custom attribute of
+    an autograd function class, and broke the compiled graph at every adapted layer on it.
     """
     device = x.device.type
     if not torch.is_autocast_enabled(device):
@@ -148,7 +153,7 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float) -> torch.Tensor:
     def cast(t):
         return t.to(dtype) if t is not None and t.is_floating_point() else t
 
-    if not fn.gate_in_own_dtype:  # else the gate table and its spread go in as they are (see GatedMixture)
+    if cast_weights:
         a, b = cast(a), cast(b)
     with torch.autocast(device, enabled=False):
         return fn.apply(cast(x), cast(A), cast(B), a, b, cast(out), scaling)
@@ -208,9 +213,6 @@ class DenseMixture(torch.autograd.Function):
     and :func:`mixture_backward`.
     """
 
-    #: :func:`apply_mixture` casts every floating input to the autocast dtype
-    gate_in_own_dtype = False
-
     @staticmethod
     def forward(ctx, x, A, B, w, rows, out, scaling: float):
         ws = None
@@ -247,14 +249,12 @@ class GatedMixture(torch.autograd.Function):
     one ``mv``; its gradient goes back to the table through ``spread^T`` and the softmax's backward. Kept for
     backward: what :class:`DenseMixture` keeps, plus the softmaxed table ``p (n, k)`` and ``w (B, E)``.
 
-    The gate runs in the dtype of ``logits`` (``spread`` must have it too), also under autocast: float32 gate
+    The gate runs in the dtype of ``logits`` (``spread`` must have it too), also under autocast (applied with
+    ``apply_mixture(..., cast_weights=False)``, as :class:`Adapter` does): float32 gate
     logits are softmaxed in float32 and only ``w`` is cast to the products' dtype, so a layer spends no cast
     of its table or of the spread forward and no cast node backward, and ``g_logits`` comes back in the
     logits' own dtype.
     """
-
-    #: :func:`apply_mixture` leaves ``logits`` and ``spread`` in their own dtype
-    gate_in_own_dtype = True
 
     @staticmethod
     def forward(ctx, x, A, B, logits, spread, out, scaling: float):
@@ -456,7 +456,7 @@ class Adapter(nn.Module):
             table = self.route_table(x, task_ids, cluster_ids, cache)
             if table is not None:
                 A, B = self.experts.lora_A, self.experts.lora_B
-                return apply_mixture(GatedMixture, self.dropout(x), A, B, *table, out, self.scaling)
+                return apply_mixture(GatedMixture, self.dropout(x), A, B, *table, out, self.scaling, cast_weights=False)
             weight, rows = self.route_dense(x, task_ids, cluster_ids, cache)
             return self.experts(self.dropout(x), None, weight, rows=rows, scaling=self.scaling, out=out)
         index, weight = self.route(x, task_ids, cluster_ids)
