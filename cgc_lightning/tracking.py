@@ -204,9 +204,9 @@ class MLflowLogger(MLFlowLogger):
             (``0``: one request per call, as Lightning's own logger). A store write costs milliseconds (a SQLite
             commit, or a round trip to a server), so writing every logging step, plus the learning-rate monitor's
             separate call, slows a fast training loop. What is kept is written at every checkpoint (so a resume
-            from it finds every earlier step in the store), at the end of the run, and on a crash; a process killed
-            with SIGKILL loses at most this many seconds of metrics, which a resume from its last checkpoint logs
-            again.
+            from it finds every earlier step in the store), at the end of the run, and when the run fails; a process
+            killed with SIGKILL loses at most this many seconds of metrics, which a resume from its last checkpoint
+            logs again.
     """
 
     def __init__(
