@@ -79,82 +79,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-#: MLflow's limit on the metrics of one ``log_batch`` request.
-MAX_METRICS_PER_WRITE = 1000
-
-
-class Logged(NamedTuple):
-    """One ``log_metrics`` call: its metrics, step, and when it was made (ms since the epoch, as MLflow keeps it)."""
-
-    metrics: dict
-    step: int | None
-    timestamp: int
-
-
-class WriteError(RuntimeError):
-    """A store write failed; ``left`` holds the entries not written (the failed request's and those after it)."""
-
-    def __init__(self, message: str, left: list[Logged]):
-        super().__init__(message)
-        self.left = left
-
-
-def _batches(entries: list[Logged], limit: int):
-    """Consecutive groups of entries of at most ``limit`` metrics each (an entry is never split)."""
-    group, size = [], 0
-    for e in entries:
-        if group and size + len(e.metrics) > limit:
-            yield group
-            group, size = [], 0
-        group.append(e)
-        size += len(e.metrics)
-    if group:
-        yield group
-
-
-def _metric_key(key: str) -> str:
-    """``key`` with the characters MLflow refuses dropped, as Lightning's own logger does."""
-    clean = re.sub("[^a-zA-Z0-9_/. -]+", "", key)
-    if clean != key:
-        warnings.warn(
-            f"MLflow only allows '_', '/', '.' and ' ' in metric names: {key!r} is logged as {clean!r}", stacklevel=3
-        )
-    return clean
-
-
-def write_logged(client: MlflowClient, run_id: str, entries: list[Logged]) -> None:
-    """``log_batch`` the entries to run ``run_id``, each metric with its own step and time, in requests of at most
-    1,000 metrics; a failed request raises :class:`WriteError` naming the entries it and those after it held."""
-    from mlflow.entities import Metric
-
-    done = 0
-    for group in _batches(entries, MAX_METRICS_PER_WRITE):
-        metrics = [
-            Metric(key=_metric_key(k), value=v, timestamp=e.timestamp, step=e.step or 0)
-            for e in group
-            for k, v in e.metrics.items()
-            if not isinstance(v, str)
-        ]
-        try:
-            client.log_batch(run_id=run_id, metrics=metrics)
-        except Exception as err:
-            raise WriteError(str(err), entries[done:]) from err
-        done += len(group)
-
-
 def replay_unsent(path: str | Path, tracking_uri: str | None = None) -> int:
     """Send the metrics a run kept during a tracking outage (``unsent_metrics.jsonl``) to its run; return the count.
 
     The file sits at ``<checkpoint_dir>/<experiment id>/<run id>/unsent_metrics.jsonl``.
     """
+    from mlflow.entities import Metric
+
     path = Path(path)
+    run_id = path.parent.name
+    client = LockRetryingClient(tracking_uri or default_tracking_uri())
     now = int(time.time() * 1000)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # each with the time the run logged it (files written before 2026-12-02 have none)
-    entries = [Logged(row["metrics"], row["step"], row.get("timestamp", now)) for row in rows]
-    write_logged(LockRetryingClient(tracking_uri or default_tracking_uri()), path.parent.name, entries)
+    metrics = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            stamp = row.get("timestamp", now)  # when the run logged it (files written before 2026-12-02 have none)
+            metrics += [Metric(k, v, stamp, row["step"] or 0) for k, v in row["metrics"].items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
     path.unlink()
-    return sum(len(e.metrics) for e in entries)
+    return len(metrics)
 
 
 def retry_when_locked(fn, *args, **kwargs):
@@ -196,6 +141,49 @@ class LockRetryingClient(MlflowClient):
 
     def set_tag(self, *args, **kwargs):
         return retry_when_locked(super().set_tag, *args, **kwargs)
+
+
+#: MLflow's limit on the metrics of one ``log_batch`` request.
+MAX_METRICS_PER_WRITE = 1000
+
+
+class Logged(NamedTuple):
+    """One ``log_metrics`` call: its metrics, step, and when it was made (ms since the epoch, as MLflow keeps it)."""
+
+    metrics: dict
+    step: int | None
+    timestamp: int
+
+
+class WriteError(RuntimeError):
+    """A store write failed; ``left`` holds the entries not written (the failed request's and those after it)."""
+
+    def __init__(self, message: str, left: list[Logged]):
+        super().__init__(message)
+        self.left = left
+
+
+def _batches(entries: list[Logged], limit: int):
+    """Consecutive groups of entries of at most ``limit`` metrics each (an entry is never split)."""
+    group, size = [], 0
+    for e in entries:
+        if group and size + len(e.metrics) > limit:
+            yield group
+            group, size = [], 0
+        group.append(e)
+        size += len(e.metrics)
+    if group:
+        yield group
+
+
+def _metric_key(key: str) -> str:
+    """``key`` with the characters MLflow refuses dropped, as Lightning's own logger does."""
+    clean = re.sub("[^a-zA-Z0-9_/. -]+", "", key)
+    if clean != key:
+        warnings.warn(
+            f"MLflow only allows '_', '/', '.' and ' ' in metric names: {key!r} is logged as {clean!r}", stacklevel=3
+        )
+    return clean
 
 
 class MLflowLogger(MLFlowLogger):
@@ -346,7 +334,22 @@ class MLflowLogger(MLFlowLogger):
             self._keep(e.left)
 
     def _write(self, entries: list[Logged]) -> None:
-        write_logged(self.experiment, self.run_id, entries)
+        """``log_batch`` the entries in requests of at most 1,000 metrics; :class:`WriteError` names what is left."""
+        from mlflow.entities import Metric
+
+        done = 0
+        for group in _batches(entries, MAX_METRICS_PER_WRITE):
+            metrics = [
+                Metric(key=_metric_key(k), value=v, timestamp=e.timestamp, step=e.step or 0)
+                for e in group
+                for k, v in e.metrics.items()
+                if not isinstance(v, str)
+            ]
+            try:
+                self.experiment.log_batch(run_id=self.run_id, metrics=metrics)
+            except Exception as err:
+                raise WriteError(str(err), entries[done:]) from err
+            done += len(group)
 
     @property
     def unsent_path(self) -> Path:
