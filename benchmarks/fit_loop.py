@@ -350,8 +350,7 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
         '--trainer.profiler={"class_path": "lightning.pytorch.profilers.SimpleProfiler", '
         f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
     ]
-    bar = getattr(args, "progress_bar", "off") == "on"
-    cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark", bar)
+    cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark", args.progress_bar == "on")
     paired = PairedBare(BareLoop(cli, cuda), timed_steps, cuda) if pair else None
     timer = StepTimer(cuda, paired.bare if paired else None)
     cli.trainer.callbacks.append(timer)

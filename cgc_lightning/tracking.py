@@ -79,70 +79,6 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def replay_unsent(path: str | Path, tracking_uri: str | None = None) -> int:
-    """Send the metrics a run kept during a tracking outage (``unsent_metrics.jsonl``) to its run; return the count.
-
-    The file sits at ``<checkpoint_dir>/<experiment id>/<run id>/unsent_metrics.jsonl``.
-    """
-    from mlflow.entities import Metric
-
-    path = Path(path)
-    run_id = path.parent.name
-    client = LockRetryingClient(tracking_uri or default_tracking_uri())
-    now = int(time.time() * 1000)
-    metrics = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            stamp = row.get("timestamp", now)  # when the run logged it (files written before 2026-12-02 have none)
-            metrics += [Metric(k, v, stamp, row["step"] or 0) for k, v in row["metrics"].items()]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    path.unlink()
-    return len(metrics)
-
-
-def retry_when_locked(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, tried again (with backoff) while a SQLite store says "database is locked".
-
-    MLflow's SQLite store already waits up to 20 s for the lock (``PRAGMA busy_timeout``); this covers
-    the rarer case of a writer starved for longer, e.g. many grid points logging to one file at once.
-    A failed write was rolled back as a whole, so trying it again cannot log anything twice.
-    """
-    for attempt in range(LOCKED_RETRIES):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if attempt == LOCKED_RETRIES - 1 or "database is locked" not in str(e):
-                raise
-            time.sleep(min(0.1 * 2**attempt, 5.0) * (1 + random.random()))
-
-
-class LockRetryingClient(MlflowClient):
-    """An ``MlflowClient`` whose run writes go through :func:`retry_when_locked`."""
-
-    def create_run(self, *args, **kwargs):
-        return retry_when_locked(super().create_run, *args, **kwargs)
-
-    def update_run(self, *args, **kwargs):
-        return retry_when_locked(super().update_run, *args, **kwargs)
-
-    def set_terminated(self, *args, **kwargs):
-        return retry_when_locked(super().set_terminated, *args, **kwargs)
-
-    def log_batch(self, *args, **kwargs):
-        return retry_when_locked(super().log_batch, *args, **kwargs)
-
-    def log_metric(self, *args, **kwargs):
-        return retry_when_locked(super().log_metric, *args, **kwargs)
-
-    def log_param(self, *args, **kwargs):
-        return retry_when_locked(super().log_param, *args, **kwargs)
-
-    def set_tag(self, *args, **kwargs):
-        return retry_when_locked(super().set_tag, *args, **kwargs)
-
-
 #: MLflow's limit on the metrics of one ``log_batch`` request.
 MAX_METRICS_PER_WRITE = 1000
 
@@ -184,6 +120,82 @@ def _metric_key(key: str) -> str:
             f"MLflow only allows '_', '/', '.' and ' ' in metric names: {key!r} is logged as {clean!r}", stacklevel=3
         )
     return clean
+
+
+def write_logged(client: MlflowClient, run_id: str, entries: list[Logged]) -> None:
+    """``log_batch`` the entries to run ``run_id``, each metric with its own step and time, in requests of at most
+    1,000 metrics; a failed request raises :class:`WriteError` naming the entries it and those after it held."""
+    from mlflow.entities import Metric
+
+    done = 0
+    for group in _batches(entries, MAX_METRICS_PER_WRITE):
+        metrics = [
+            Metric(key=_metric_key(k), value=v, timestamp=e.timestamp, step=e.step or 0)
+            for e in group
+            for k, v in e.metrics.items()
+            if not isinstance(v, str)
+        ]
+        try:
+            client.log_batch(run_id=run_id, metrics=metrics)
+        except Exception as err:
+            raise WriteError(str(err), entries[done:]) from err
+        done += len(group)
+
+
+def replay_unsent(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Send the metrics a run kept during a tracking outage (``unsent_metrics.jsonl``) to its run; return the count.
+
+    The file sits at ``<checkpoint_dir>/<experiment id>/<run id>/unsent_metrics.jsonl``.
+    """
+    path = Path(path)
+    now = int(time.time() * 1000)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # each with the time the run logged it (files written before 2026-12-02 have none)
+    entries = [Logged(row["metrics"], row["step"], row.get("timestamp", now)) for row in rows]
+    write_logged(LockRetryingClient(tracking_uri or default_tracking_uri()), path.parent.name, entries)
+    path.unlink()
+    return sum(len(e.metrics) for e in entries)
+
+
+def retry_when_locked(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, tried again (with backoff) while a SQLite store says "database is locked".
+
+    MLflow's SQLite store already waits up to 20 s for the lock (``PRAGMA busy_timeout``); this covers
+    the rarer case of a writer starved for longer, e.g. many grid points logging to one file at once.
+    A failed write was rolled back as a whole, so trying it again cannot log anything twice.
+    """
+    for attempt in range(LOCKED_RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == LOCKED_RETRIES - 1 or "database is locked" not in str(e):
+                raise
+            time.sleep(min(0.1 * 2**attempt, 5.0) * (1 + random.random()))
+
+
+class LockRetryingClient(MlflowClient):
+    """An ``MlflowClient`` whose run writes go through :func:`retry_when_locked`."""
+
+    def create_run(self, *args, **kwargs):
+        return retry_when_locked(super().create_run, *args, **kwargs)
+
+    def update_run(self, *args, **kwargs):
+        return retry_when_locked(super().update_run, *args, **kwargs)
+
+    def set_terminated(self, *args, **kwargs):
+        return retry_when_locked(super().set_terminated, *args, **kwargs)
+
+    def log_batch(self, *args, **kwargs):
+        return retry_when_locked(super().log_batch, *args, **kwargs)
+
+    def log_metric(self, *args, **kwargs):
+        return retry_when_locked(super().log_metric, *args, **kwargs)
+
+    def log_param(self, *args, **kwargs):
+        return retry_when_locked(super().log_param, *args, **kwargs)
+
+    def set_tag(self, *args, **kwargs):
+        return retry_when_locked(super().set_tag, *args, **kwargs)
 
 
 class MLflowLogger(MLFlowLogger):
@@ -334,22 +346,7 @@ class MLflowLogger(MLFlowLogger):
             self._keep(e.left)
 
     def _write(self, entries: list[Logged]) -> None:
-        """``log_batch`` the entries in requests of at most 1,000 metrics; :class:`WriteError` names what is left."""
-        from mlflow.entities import Metric
-
-        done = 0
-        for group in _batches(entries, MAX_METRICS_PER_WRITE):
-            metrics = [
-                Metric(key=_metric_key(k), value=v, timestamp=e.timestamp, step=e.step or 0)
-                for e in group
-                for k, v in e.metrics.items()
-                if not isinstance(v, str)
-            ]
-            try:
-                self.experiment.log_batch(run_id=self.run_id, metrics=metrics)
-            except Exception as err:
-                raise WriteError(str(err), entries[done:]) from err
-            done += len(group)
+        write_logged(self.experiment, self.run_id, entries)
 
     @property
     def unsent_path(self) -> Path:
