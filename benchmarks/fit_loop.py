@@ -16,6 +16,12 @@ shared host; paired this way, both loops see the pace of the same moment, and th
 quartiles are printed. ``bare alone`` then runs the same loop over the same batches after ``fit``, alone in the
 process, for its peak memory and as a check on the pairing.
 
+``split`` then tells the module's share of fit's window from the Trainer's: fit's own module, stepped without the
+Trainer (``_per_task_loss``: routing, the forward, the lean loss and the per-task sums; ``backward``; AdamW), and
+the bare step, interleaved on the same batches, each phase (forward + loss, backward, optimizer) synchronised and
+timed on its own. Module / bare is what the method costs; fit / bare beyond it, what Lightning's step, hooks and
+logging add.
+
 Per loop: the median step time (CUDA-synchronised at each step's start and end) after ``--warmup`` steps,
 tokens/s over non-pad tokens, and peak GPU memory (``max_memory_allocated`` within each step, the most over
 the steps; for ``fit`` less what the paired bare loop keeps on the device, its model and AdamW's state; for
@@ -235,6 +241,89 @@ class PairedBare(Callback):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t)
         self.losses.append(loss)
+
+
+PHASES = ("forward + loss", "backward", "optimizer")
+
+
+class ModuleLoop:
+    """``fit``'s own module stepped without the Trainer: ``_per_task_loss`` (routing, the forward and the per-task
+    losses), ``backward`` and an AdamW over its trainable tensors, at fit's precision (autocast as Lightning's
+    ``bf16-mixed`` applies it). Its step against the bare step tells the module's share of fit's window (the
+    adapters, the lean loss, the per-task sums) from the Trainer's (its step, hooks and logging)."""
+
+    def __init__(self, cli, bare: BareLoop):
+        self.module, self.device, self.autocast = cli.model, bare.device, bare.autocast
+        self.module.to(self.device).train()  # fit's teardown moved it back to the host
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=self.module.lr)
+
+    def forward(self, batch) -> torch.Tensor:
+        if self.module._cuda_graphs:  # as training_step: a new step, the graphs may overwrite the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.autocast:
+            return self.module._per_task_loss(batch)[0]
+
+    def optimizer(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def bare_phases(bare: BareLoop):
+    """The bare step's three phases, as :class:`ModuleLoop` has them (the batch already on the device)."""
+
+    def forward(batch):
+        with bare.autocast:
+            return bare.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+
+    def optimizer():
+        bare.opt.step()
+        bare.opt.zero_grad(set_to_none=True)
+
+    return forward, optimizer
+
+
+def run_split(args, cli, bare: BareLoop, cuda: bool) -> dict:
+    """The module's step and the bare step interleaved over the same batches (after ``fit``), each phase timed
+    on its own (synchronised before and after): ms per phase (medians after ``--warmup``) of each loop, and the
+    median per-step ratio of the whole steps, module / bare (both see the machine's pace of the same moment).
+
+    Returns ``{"module": {phase: ms, "step": ms}, "bare": {...}, "ratio": median, "quartiles": (q1, q3)}``."""
+    ours = ModuleLoop(cli, bare)
+    loops = {"module": (ours.forward, ours.optimizer), "bare": bare_phases(bare)}
+    times = {name: {ph: [] for ph in PHASES} for name in loops}
+    loader = cli.datamodule.train_dataloader()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for i, batch in enumerate(epochs(loader)):
+        if i == args.warmup + args.steps:
+            break
+        batch = {k: v.to(bare.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for name, (forward, optimizer) in loops.items():
+            sync()
+            t0 = time.perf_counter()
+            loss = forward(batch)
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            optimizer()
+            sync()
+            t3 = time.perf_counter()
+            for phase, t in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                times[name][phase].append(t)
+    out = {}
+    for name, phases in times.items():
+        out[name] = {ph: statistics.median(t[args.warmup :]) * 1e3 for ph, t in phases.items()}
+        out[name]["step_s"] = [sum(ts) for ts in zip(*phases.values(), strict=True)][args.warmup :]
+        out[name]["step"] = statistics.median(out[name]["step_s"]) * 1e3
+    per_step = [m / b for m, b in zip(out["module"]["step_s"], out["bare"]["step_s"], strict=True)]
+    q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+    return out | {"ratio": statistics.median(per_step), "quartiles": (q[0], q[2])}
 
 
 def summarise(
@@ -486,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:
             torch.cuda.empty_cache()
         alone = run_bare(args, cli, cuda, profilers["bare"], met=fit["widths"], bare=paired.bare)
+        split = run_split(args, cli, paired.bare, cuda)
     if len(paired.times) != len(fit["widths"]):
         raise SystemExit("fit_loop pairs fit's padded batches with a bare loop; for packed rows use benchmarks.packing")
     assert all(torch.isfinite(x) for x in paired.losses), "bare loop: a non-finite loss"
@@ -547,12 +637,25 @@ def main(argv: list[str] | None = None) -> dict:
         f"{fit['iteration_ms'] - window:.1f} ms a step go to fetching the next batch, logging (every "
         f"{cli.trainer.log_every_n_steps} steps) and the hooks between steps, which the bare rows do not time"
     )
+    module, bare_split = split["module"], split["bare"]
+    print(
+        "split (after fit): fit's module stepped without the Trainer (routing, forward, per-task loss; backward; "
+        "AdamW) and the bare step, interleaved on the same batches, each phase synchronised; medians, ms:"
+    )
+    for phase in (*PHASES, "step"):
+        m, b = module[phase], bare_split[phase]
+        print(f"  {phase:<16} module {m:>8.1f}  bare {b:>8.1f}  {m / b:>5.2f}x")
+    print(
+        f"  per-step module / bare: median {split['ratio']:.2f}x, quartiles {split['quartiles'][0]:.2f}-"
+        f"{split['quartiles'][1]:.2f}x; fit's window / bare above, {statistics.median(per_step):.2f}x, less this is "
+        "what the Trainer adds (its step, hooks, logging) to the module's own cost"
+    )
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
-    return {"fit": fit, "bare": bare, "bare_alone": alone, "host": host, "model": shape}
+    return {"fit": fit, "bare": bare, "bare_alone": alone, "split": split, "host": host, "model": shape}
 
 
 if __name__ == "__main__":

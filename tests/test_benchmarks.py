@@ -46,6 +46,12 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     fit = result["fit"]
     assert len(fit["iteration_s"]) == len(fit["step_s"]) == 2 and "fit, whole iterations" in out
     assert all(i > s for i, s in zip(fit["iteration_s"], fit["step_s"], strict=True))
+    # the split: fit's module without the Trainer against the bare step, interleaved, phase by phase
+    split = result["split"]
+    for loop in ("module", "bare"):
+        assert len(split[loop]["step_s"]) == 2 and all(split[loop][ph] > 0 for ph in fit_loop.PHASES)
+    assert split["quartiles"][0] <= split["ratio"] <= split["quartiles"][1]
+    assert "per-step module / bare: median" in out and "forward + loss" in out
 
 
 def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
