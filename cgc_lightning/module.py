@@ -292,6 +292,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         n = len(task_names)
         self.register_buffer("_task_loss_sum", torch.zeros(n), persistent=False)
         self.nonfinite: dict | None = None  # the last training loss's NaN/inf flag, for RunGuard
+        self._step_at_batch: int | None = None  # global_step when the last training batch began
         self.register_buffer("_task_tokens", torch.zeros(n), persistent=False)
         self._eval_loss: dict[str, torch.Tensor] = {}
         self.results: dict[str, list[tuple]] = {}  # the last evaluation's per-task rows, by stage
@@ -388,10 +389,18 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             "task_ids": batch["task_ids"],
             "task_sum": task_sum.detach(),
         }
-        # per-task losses are averaged over the logging interval: one host sync per log, not per step
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self._log_task_losses()
+        self._step_at_batch = self.global_step  # on_train_batch_end logs when the optimizer has stepped since
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # The per-task losses, averaged over the logging interval, are read at the steps Lightning logs (the
+        # optimizer has just stepped and the new step count is a multiple of log_every_n_steps), once per log,
+        # not once per micro-batch. The read is a host sync: here the step's backward and optimizer step are
+        # already queued, where in training_step it stalled the host between forward and backward until the
+        # GPU had caught up, one idle host per logging step.
+        every, step = self.trainer.log_every_n_steps, self.global_step
+        if every and self._step_at_batch not in (None, step) and step % every == 0:
+            self._log_task_losses()
 
     @property
     def _world_size(self) -> int:
