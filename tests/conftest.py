@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
@@ -10,6 +12,32 @@ from cgc_lightning.config import TaskLayout
 from cgc_lightning.inject import adapter_parameters
 
 VOCAB = 97
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cli(tmp_path, monkeypatch, *args: str):
+    """The CLI on ``experiments/tiny.yaml``, built in this process and not run, working in ``tmp_path`` (which
+    sees the repo's fixtures), its MLflow store ``tmp_path/mlflow.db``; ``args``: more overrides."""
+    from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
+    from cgc_lightning.module import MultiTaskLoRAModule
+    from datamodules.multitask import MultiTaskDataModule
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    return CGCLightningCLI(
+        MultiTaskLoRAModule,
+        MultiTaskDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        # an absolute store: MLflow caches a store per URI, and a relative one would follow this test's cwd
+        args=[
+            "--config",
+            str(ROOT / "experiments/tiny.yaml"),
+            f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"--trainer.default_root_dir={tmp_path}/outputs",
+            *args,
+        ],
+        run=False,
+    )
 
 
 def tiny_config(family: str):

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from lightning.pytorch.callbacks import ProgressBar
 
 from cgc_lightning.callbacks.progress import RichStepProgressBar, StepProgressBar
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def build(tmp_path, monkeypatch, *args: str):
-    from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
-    from cgc_lightning.module import MultiTaskLoRAModule
-    from datamodules.multitask import MultiTaskDataModule
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tests").symlink_to(ROOT / "tests")
-    return CGCLightningCLI(
-        MultiTaskLoRAModule,
-        MultiTaskDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        # an absolute store: MLflow caches a store per URI, and a relative one would follow this test's cwd
-        args=[
-            "--config",
-            str(ROOT / "experiments/tiny.yaml"),
-            f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-            f"--trainer.default_root_dir={tmp_path}/outputs",
-            *args,
-        ],
-        run=False,
-    )
+from tests.conftest import tiny_cli
 
 
 def test_the_bar_totals_the_steps_of_a_max_steps_run_not_the_epoch(tmp_path, monkeypatch):
     # an epoch of 100 batches, a run of 3 steps: Lightning's bar would end at 3/100
-    cli = build(tmp_path, monkeypatch, "--trainer.max_steps=3", "--data.samples_per_epoch=400")
+    cli = tiny_cli(tmp_path, monkeypatch, "--trainer.max_steps=3", "--data.samples_per_epoch=400")
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, (RichStepProgressBar, StepProgressBar))
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -49,7 +23,7 @@ def test_the_bar_totals_the_steps_of_a_max_steps_run_not_the_epoch(tmp_path, mon
 
 
 def test_the_total_counts_accumulated_batches_and_the_tqdm_bar_too(tmp_path, monkeypatch):
-    cli = build(tmp_path, monkeypatch, "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=3")
+    cli = tiny_cli(tmp_path, monkeypatch, "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=3")
     bar = StepProgressBar()
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ProgressBar)] + [bar]
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -63,7 +37,7 @@ def test_the_total_counts_accumulated_batches_and_the_tqdm_bar_too(tmp_path, mon
     ids=["bar off", "own bar"],
 )
 def test_no_bar_of_ours_when_the_bar_is_off_or_the_config_brings_one(tmp_path, monkeypatch, args):
-    cli = build(tmp_path, monkeypatch, *args)
+    cli = tiny_cli(tmp_path, monkeypatch, *args)
     bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
     assert not any(isinstance(c, (StepProgressBar, RichStepProgressBar)) for c in bars)
     assert len(bars) == (0 if "false" in args[0] else 1)

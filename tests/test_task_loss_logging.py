@@ -3,42 +3,25 @@ losses over every micro-batch since the last log."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import tiny_cli
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_task_losses_are_the_interval_means_logged_at_lightnings_steps(tmp_path, monkeypatch, accumulate):
     from mlflow import MlflowClient
 
-    from cgc_lightning.cli import TRAINER_DEFAULTS, CGCLightningCLI
-    from cgc_lightning.module import MultiTaskLoRAModule
-    from datamodules.multitask import MultiTaskDataModule
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tests").symlink_to(ROOT / "tests")
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    cli = CGCLightningCLI(
-        MultiTaskLoRAModule,
-        MultiTaskDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=[
-            "--config",
-            str(ROOT / "experiments/tiny.yaml"),
-            f"--trainer.logger.init_args.tracking_uri={store}",
-            f"--trainer.default_root_dir={tmp_path}/outputs",
-            "--trainer.max_steps=5",
-            "--trainer.log_every_n_steps=2",
-            f"--trainer.accumulate_grad_batches={accumulate}",
-            "--trainer.val_check_interval=100",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-        ],
-        run=False,
+    cli = tiny_cli(
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_steps=5",
+        "--trainer.log_every_n_steps=2",
+        f"--trainer.accumulate_grad_batches={accumulate}",
+        "--trainer.val_check_interval=100",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
     )
     module = cli.model
     seen = []  # (global_step when the micro-batch ran, per-task loss sums, per-task target tokens)
@@ -53,7 +36,7 @@ def test_task_losses_are_the_interval_means_logged_at_lightnings_steps(tmp_path,
     cli.trainer.fit(module, cli.datamodule)
     assert len(seen) == 5 * accumulate
 
-    client = MlflowClient(store)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = cli.trainer.logger.run_id
     tasks = module.layout.tasks
     # Lightning logs after optimizer steps 2 and 4 (of 5), at its step index 1 and 3; each log covers the
