@@ -200,13 +200,20 @@ class BareLoop:
             else nullcontext()
         )
 
-    def step(self, batch) -> torch.Tensor:
+    def forward(self, batch) -> torch.Tensor:
+        """HF's own loss on the batch (moved to the device if it is not there)."""
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with self.autocast:
-            loss = self.model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(self.device)).loss
-        loss.backward()
+            return self.model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(self.device)).loss
+
+    def optimizer(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def step(self, batch) -> torch.Tensor:
+        loss = self.forward(batch)
+        loss.backward()
+        self.optimizer()
         return loss.detach()
 
     def resident_bytes(self) -> int:
@@ -247,10 +254,11 @@ PHASES = ("forward + loss", "backward", "optimizer")
 
 
 class ModuleLoop:
-    """``fit``'s own module stepped without the Trainer: ``_per_task_loss`` (routing, the forward and the per-task
-    losses), ``backward`` and an AdamW over its trainable tensors, at fit's precision (autocast as Lightning's
-    ``bf16-mixed`` applies it). Its step against the bare step tells the module's share of fit's window (the
-    adapters, the lean loss, the per-task sums) from the Trainer's (its step, hooks and logging)."""
+    """``fit``'s own module stepped without the Trainer, in :class:`BareLoop`'s phases: ``forward`` is
+    ``_per_task_loss`` (routing, the forward and the per-task losses), then ``backward``, then ``optimizer``, an
+    AdamW over its trainable tensors; at fit's precision (autocast as Lightning's ``bf16-mixed`` applies it).
+    Its step against the bare step tells the module's share of fit's window (the adapters, the lean loss, the
+    per-task sums) from the Trainer's (its step, hooks and logging)."""
 
     def __init__(self, cli, bare: BareLoop):
         self.module, self.device, self.autocast = cli.model, bare.device, bare.autocast
@@ -269,20 +277,6 @@ class ModuleLoop:
         self.opt.zero_grad(set_to_none=True)
 
 
-def bare_phases(bare: BareLoop):
-    """The bare step's three phases, as :class:`ModuleLoop` has them (the batch already on the device)."""
-
-    def forward(batch):
-        with bare.autocast:
-            return bare.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
-
-    def optimizer():
-        bare.opt.step()
-        bare.opt.zero_grad(set_to_none=True)
-
-    return forward, optimizer
-
-
 def run_split(args, cli, bare: BareLoop, cuda: bool) -> dict:
     """The module's step and the bare step interleaved over the same batches (after ``fit``), each phase timed
     on its own (synchronised before and after): ms per phase (medians after ``--warmup``) of each loop, and the
@@ -290,7 +284,7 @@ def run_split(args, cli, bare: BareLoop, cuda: bool) -> dict:
 
     Returns ``{"module": {phase: ms, "step": ms}, "bare": {...}, "ratio": median, "quartiles": (q1, q3)}``."""
     ours = ModuleLoop(cli, bare)
-    loops = {"module": (ours.forward, ours.optimizer), "bare": bare_phases(bare)}
+    loops = {"module": (ours.forward, ours.optimizer), "bare": (bare.forward, bare.optimizer)}
     times = {name: {ph: [] for ph in PHASES} for name in loops}
     loader = cli.datamodule.train_dataloader()
 
