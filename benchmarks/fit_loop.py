@@ -180,6 +180,7 @@ class BareLoop:
 
         from cgc_lightning.hf import load_model
         from cgc_lightning.inject import adapted_layers
+        from cgc_lightning.module import adamw_options
 
         self.device = torch.device("cuda" if cuda else "cpu")
         precision = str(cli.trainer.precision)
@@ -193,7 +194,11 @@ class BareLoop:
             r=self.rank, lora_alpha=self.rank * cfg.alpha / cfg.r, lora_dropout=cfg.dropout, target_modules=targets
         )  # as the fit
         self.model = get_peft_model(model, lora).to(self.device)
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cli.model.lr)
+        # fit's AdamW implementation (model.adamw: fused on a GPU by default), so the two loops differ in the method
+        # and the Trainer, not in the optimizer's kernels
+        self.adamw = adamw_options(cli.model.adamw, cuda)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cli.model.lr, **self.adamw)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if precision.startswith("bf16-mixed")
@@ -263,8 +268,7 @@ class ModuleLoop:
     def __init__(self, cli, bare: BareLoop):
         self.module, self.device, self.autocast = cli.model, bare.device, bare.autocast
         self.module.to(self.device).train()  # fit's teardown moved it back to the host
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=self.module.lr)
+        self.opt = self.module.make_optimizer()  # fit's: its groups (experts, gates) and implementation
 
     def forward(self, batch) -> torch.Tensor:
         if self.module._cuda_graphs:  # as training_step: a new step, the graphs may overwrite the last one's outputs
@@ -453,6 +457,15 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     return (cli, fit, host, paired) if pair else (cli, fit, host)
 
 
+def adamw_label(options: dict) -> str:
+    """``fused``, ``foreach``, ``for_loop`` or PyTorch's default, for :func:`cgc_lightning.module.adamw_options`."""
+    if options.get("fused"):
+        return "fused"
+    if options.get("foreach") is not None:
+        return "foreach" if options["foreach"] else "for_loop"
+    return "PyTorch's default"
+
+
 def iterations(starts: list[float], paired: list[float] | None, warmup: int, n: int) -> dict:
     """Whole training iterations of the timed steps ``warmup .. n - 1``, from one step's start to the next's, less
     the paired bare step that runs inside each: the step plus what the step's own window leaves out (fetching and
@@ -581,7 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"fit loop vs bare PEFT loop: {args.config} {' '.join(args.set)}, method={cfg.method}, "
         f"precision={cli.trainer.precision}, batch={cli.datamodule.batch_size}, diagnostics {args.diagnostics}, "
-        f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}"
+        f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}; "
+        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw_label(paired.bare.adamw)})"
     )
     spec = cli.model.model_spec
     name = f"size {args.size} (Llama-shaped)" if args.size != "config" else f"size config ({spec.name_or_path})"
@@ -649,7 +663,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
-    return {"fit": fit, "bare": bare, "bare_alone": alone, "split": split, "host": host, "model": shape}
+    adamw = adamw_label(paired.bare.adamw)
+    return {"fit": fit, "bare": bare, "bare_alone": alone, "split": split, "host": host, "model": shape, "adamw": adamw}
 
 
 if __name__ == "__main__":

@@ -31,6 +31,20 @@ IGNORE = -100
 log = logging.getLogger(__name__)
 #: Leaf names of gate and router tensors: their own optimizer group (``gate_lr``, ``gate_weight_decay``).
 GATE_PREFIXES = ("gate_", "router_")
+#: ``model.adamw``: PyTorch's AdamW implementations, and ``auto``.
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def adamw_options(impl: str, cuda: bool) -> dict:
+    """``torch.optim.AdamW``'s ``fused`` and ``foreach`` for ``model.adamw``, its tensors on CUDA or not.
+
+    ``auto`` is ``fused`` on CUDA, else PyTorch's own choice (``None`` for both).
+    """
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"model.adamw must be one of {', '.join(ADAMW_IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        return {"fused": True if cuda else None, "foreach": None}
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
 
 
 def rng_states() -> dict:
@@ -145,6 +159,12 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             ``bf16-mixed`` the products still run in bf16. ``base``: the base model's dtype, what runs used
             before ``auto``: bf16 parameters lose every AdamW update below bf16's resolution at their value,
             and bf16 gate logits stall near uniform (:func:`cgc_lightning.inject.adapter_param_dtype`).
+        adamw: PyTorch's implementation of AdamW: ``fused`` (a few kernels per parameter group a step),
+            ``foreach`` (a few kernels per operation over lists of tensors) or ``for_loop`` (kernels per tensor);
+            the update is the same up to rounding. ``auto``: ``fused`` when every trainable tensor is on a CUDA
+            device, where an adapter's hundreds of small tensors make the optimizer step as long as it takes the
+            host to issue its kernels (docs/benchmarks.md), else PyTorch's default. A resumed run steps with the
+            implementation its config names, whichever wrote the checkpoint.
     """
 
     #: The keyword arguments of ``torch.compile`` that ``compile`` accepts.
@@ -171,6 +191,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         gate_weight_decay: float | None = None,
         log_val_examples: bool = False,
         adapter_dtype: Literal["auto", "base", "float32", "bfloat16", "float16", "float64"] = "auto",
+        adamw: Literal["auto", "fused", "foreach", "for_loop"] = "auto",
     ):
         super().__init__()
         compile_kwargs = compile_options(compile)
@@ -189,6 +210,8 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             raise ValueError(f"gate_lr_ratio must be positive, got gate_lr_ratio={gate_lr_ratio}")
         if gate_weight_decay is not None and gate_weight_decay < 0:
             raise ValueError(f"gate_weight_decay must be >= 0 or null, got gate_weight_decay={gate_weight_decay}")
+        if adamw not in ADAMW_IMPLS:
+            raise ValueError(f"model.adamw must be one of {', '.join(ADAMW_IMPLS)}, got {adamw!r}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(
                 f"model.loss_chunk_size must be a positive number of positions or null, got {loss_chunk_size}"
@@ -228,11 +251,12 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
                 "gate_weight_decay": gate_weight_decay,
                 "log_val_examples": log_val_examples,
                 "adapter_dtype": adapter_dtype,
+                "adamw": adamw,
             },
             logger=False,
         )  # MLflowConfigCallback logs params under stable, flat names
         self.model_spec, self.adapter_config = model, adapter
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lr, self.weight_decay, self.betas, self.adamw = lr, weight_decay, tuple(betas), adamw
         self.warmup_ratio, self.schedule, self.max_new_tokens = warmup_ratio, schedule, max_new_tokens
         self.gate_lr = gate_lr if gate_lr is not None else gate_lr_ratio * lr
         self.gate_weight_decay, self.log_val_examples = gate_weight_decay, log_val_examples
@@ -432,6 +456,15 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A loaded optimizer state brings its param groups' settings, "fused" and "foreach" among them, which
+        # would override model.adamw; the state itself is the same for every implementation. This runs before
+        # Lightning restores the optimizers, and may run before it moves the model to its device.
+        if checkpoint.get("optimizer_states"):
+            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+            impl = adamw_options(self.adamw, device.type == "cuda")
+            for state in checkpoint["optimizer_states"]:
+                for group in state.get("param_groups", ()):
+                    group.update(impl)
         # the base is not in checkpoints, so loading is not strict: check the adapter tensors ourselves
         saved = set(checkpoint.get("state_dict", {}))
         expected = {k for k in self.state_dict() if is_adapter_param(k.removeprefix("model."))}
@@ -454,7 +487,8 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         if state is not None:
             set_rng_states(state)
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable adapter tensors: the experts at ``lr``, the gates and routers in their own group."""
         trainable = [(n, p) for n, p in adapter_parameters(self.model) if p.requires_grad]
         gates = [p for n, p in trainable if n.rsplit(".", 1)[-1].startswith(GATE_PREFIXES)]
         experts = [p for n, p in trainable if not n.rsplit(".", 1)[-1].startswith(GATE_PREFIXES)]
@@ -468,7 +502,13 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
                     "weight_decay": self.gate_weight_decay if self.gate_weight_decay is not None else self.weight_decay,
                 }
             )
-        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        cuda = bool(trainable) and all(p.device.type == "cuda" for _, p in trainable)
+        return torch.optim.AdamW(
+            groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, **adamw_options(self.adamw, cuda)
+        )
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer()
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(self.warmup_ratio * total)
 

@@ -52,6 +52,8 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
         assert len(split[loop]["step_s"]) == 2 and all(split[loop][ph] > 0 for ph in fit_loop.PHASES)
     assert split["quartiles"][0] <= split["ratio"] <= split["quartiles"][1]
     assert "per-step module / bare: median" in out and "forward + loss" in out
+    # both loops step fit's AdamW implementation (on the CPU, model.adamw=auto is PyTorch's default)
+    assert result["adamw"] == "PyTorch's default" and "AdamW in both loops: model.adamw=auto" in out
 
 
 def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
@@ -178,3 +180,14 @@ def test_eval_benchmark_on_a_subset_of_the_tasks(capsys):
     assert "2 tasks (1 scored by answer choice, 1 by generation)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"--tasks: nope not among experiments/tiny.yaml's data.tasks \(plausible, qa"):
         eval_speed.main(["--config", "experiments/tiny.yaml", "--tasks", "count,nope"])
+
+
+def test_fit_loop_bare_and_module_loops_step_fits_adamw_implementation():
+    """The split compares the method and the Trainer, not optimizer kernels: both loops use fit's ``model.adamw``."""
+    from benchmarks.fit_loop import BareLoop, ModuleLoop, build_cli
+
+    cli = build_cli("experiments/tiny.yaml", ["--model.adamw=fused"], Path(tempfile.mkdtemp()), "adamw")
+    bare = BareLoop(cli, cuda=False)
+    ours = ModuleLoop(cli, bare)
+    assert [g["fused"] for g in bare.opt.param_groups] == [True]
+    assert [(g["name"], g["fused"]) for g in ours.opt.param_groups] == [("experts", True), ("gates", True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from torchmetrics.text import BLEUScore, ROUGEScore
 
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
+from cgc_lightning.inject import is_adapter_param
 from cgc_lightning.metrics import TaskMetric
 from cgc_lightning.module import MultiTaskLoRAModule
 
@@ -139,3 +141,64 @@ def test_modula_in_one_joint_stage_says_it_is_not_the_three_stage_method(caplog)
     with caplog.at_level("WARNING", logger="cgc_lightning.module"):
         module(adapter=AdapterConfig(method="modula_res", r=2, stage="universal"), task_clusters=["x", "y"])
     assert "in one stage" not in caplog.text
+
+
+def _adamw_steps(m: MultiTaskLoRAModule, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    """``steps`` AdamW steps on gradients drawn from ``seed``, the same for every module built alike."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in m.parameters() if p.requires_grad]
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _trainable(m: MultiTaskLoRAModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_adamw_implementations_take_the_same_steps_in_float64():
+    runs = {}
+    for impl in ("fused", "foreach", "for_loop"):
+        torch.manual_seed(0)
+        m = module(adamw=impl, adapter_dtype="float64", weight_decay=0.1, lr=1e-2)
+        opt = m.make_optimizer()
+        assert [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(impl == "fused", impl == "foreach")] * 2
+        _adamw_steps(m, opt, 3, seed=1)
+        runs[impl] = _trainable(m)
+    start = _trainable((torch.manual_seed(0), module(adapter_dtype="float64"))[1])
+    assert any(not torch.equal(start[n], p) for n, p in runs["fused"].items()), "the steps moved the adapters"
+    for impl in ("foreach", "for_loop"):
+        for n, p in runs["fused"].items():
+            torch.testing.assert_close(runs[impl][n], p, rtol=1e-12, atol=1e-14, msg=f"{impl} vs fused: {n}")
+
+
+def test_adamw_auto_is_pytorchs_default_off_cuda_and_bad_names_are_refused():
+    opt = module().make_optimizer()  # CPU tensors
+    assert {(g["fused"], g["foreach"]) for g in opt.param_groups} == {(None, None)}
+    with pytest.raises(ValueError, match="model.adamw must be one of auto, fused, foreach, for_loop"):
+        module(adamw="apex")
+
+
+def test_a_resumed_optimizer_steps_with_the_configured_implementation():
+    torch.manual_seed(0)
+    first = module(adamw="foreach", adapter_dtype="float64")
+    opt = first.make_optimizer()
+    _adamw_steps(first, opt, 2, seed=1)
+    checkpoint = {
+        "state_dict": {k: v for k, v in first.state_dict().items() if is_adapter_param(k.removeprefix("model."))},
+        "optimizer_states": [copy.deepcopy(opt.state_dict())],  # as saved: not the live state tensors
+    }
+    resumed = module(adamw="fused", adapter_dtype="float64")
+    resumed.load_state_dict(checkpoint["state_dict"], strict=False)
+    resumed.on_load_checkpoint(checkpoint)  # as Lightning calls it, before it restores the optimizer
+    opt2 = resumed.make_optimizer()
+    opt2.load_state_dict(checkpoint["optimizer_states"][0])
+    assert {(g["fused"], g["foreach"]) for g in opt2.param_groups} == {(True, False)}, "not the checkpoint's foreach"
+    # and it continues the same run: two more steps on each, from the same state
+    _adamw_steps(first, opt, 2, seed=2)
+    _adamw_steps(resumed, opt2, 2, seed=2)
+    after, expected = _trainable(resumed), _trainable(first)
+    for n, p in expected.items():
+        torch.testing.assert_close(after[n], p, rtol=1e-12, atol=1e-14, msg=n)
