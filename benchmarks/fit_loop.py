@@ -453,8 +453,25 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     fit |= iterations(timer.starts, paired.times if paired else None, args.warmup, n)
     if profiler:
         fit["profile"] = profiler.summarise() | {"dtypes": probe.dtypes}
+    fit["probes"] = conflict_probes(cli.trainer.callbacks, args.warmup, n)
     host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=after)
     return (cli, fit, host, paired) if pair else (cli, fit, host)
+
+
+def conflict_probes(callbacks, warmup: int, n: int) -> dict | None:
+    """The gradient-conflict probes that ran inside timed steps (batches ``warmup .. n - 1``, which end at optimizer
+    steps ``warmup + 1 .. n``): a probe runs in its step's ``on_train_batch_end``, inside the step's window, so
+    those steps' times hold it. ``None`` without the callback or with it off.
+
+    Returns ``{"timed": probes in timed steps, "every": grad_conflict.every_n_steps, "ms": mean ms a probe}``."""
+    from cgc_lightning.callbacks.conflict import GradientConflictMonitor
+
+    monitor = next((c for c in callbacks if isinstance(c, GradientConflictMonitor) and c.enabled), None)
+    if monitor is None:
+        return None
+    steps = [step for step, _ in monitor.history]
+    ms = monitor.stopwatch.seconds / len(steps) * 1e3 if steps else None
+    return {"timed": sum(warmup < step <= n for step in steps), "every": monitor.every_n_steps, "ms": ms}
 
 
 def adamw_label(options: dict) -> str:
@@ -637,6 +654,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"first step: fit {fit['first_s']:.1f} s, bare {bare['first_s']:.1f} s (compilation, first-use costs; "
         "not in the medians)"
     )
+    probes = fit["probes"]
+    if probes and probes["timed"]:
+        print(
+            f"the gradient-conflict probe ran in {probes['timed']} of the {args.steps} timed steps of fit "
+            f"(grad_conflict.every_n_steps={probes['every']}), {probes['ms']:.1f} ms a probe, in those steps' times; "
+            "the library's default is every 100 steps (--set grad_conflict.every_n_steps=100)"
+        )
     window = statistics.mean(fit["step_s"]) * 1e3
     print(
         f"fit, whole iterations (mean of the timed steps, each from its start to the next step's, less the paired "

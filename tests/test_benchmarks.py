@@ -56,6 +56,21 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert result["adamw"] == "PyTorch's default" and "AdamW in both loops: model.adamw=auto" in out
 
 
+def test_fit_loop_says_when_the_gradient_conflict_probe_falls_in_timed_steps(capsys):
+    from benchmarks import fit_loop
+
+    argv = ["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1", "--diagnostics", "on"]
+    result = fit_loop.main([*argv, "--set", "grad_conflict.every_n_steps=1"])
+    out = capsys.readouterr().out
+    # probes after optimizer steps 1, 2, 3, 4 (one step after the timed ones); the timed batches end at steps 2 and 3
+    probes = result["fit"]["probes"]
+    assert (probes["timed"], probes["every"]) == (2, 1) and probes["ms"] > 0
+    assert "the gradient-conflict probe ran in 2 of the 2 timed steps" in out
+    # at the default (every 100) the one probe, after step 1, is in the warm-up: nothing to say
+    result = fit_loop.main(argv)
+    assert result["fit"]["probes"]["timed"] == 0 and "gradient-conflict probe ran" not in capsys.readouterr().out
+
+
 def test_fit_loop_bare_loop_knows_what_it_keeps_between_steps():
     """Fit's peak memory leaves out what the paired bare loop keeps on the device: its model and AdamW's state."""
     from benchmarks.fit_loop import BareLoop, build_cli
