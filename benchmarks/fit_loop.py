@@ -608,11 +608,12 @@ def main(argv: list[str] | None = None) -> dict:
     bare |= {"rank": alone["rank"], "params": alone["params"], "peak_gib": alone["peak_gib"]}
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
+    adamw = adamw_label(paired.bare.adamw)
     print(
         f"fit loop vs bare PEFT loop: {args.config} {' '.join(args.set)}, method={cfg.method}, "
         f"precision={cli.trainer.precision}, batch={cli.datamodule.batch_size}, diagnostics {args.diagnostics}, "
         f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}; "
-        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw_label(paired.bare.adamw)})"
+        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw})"
     )
     spec = cli.model.model_spec
     name = f"size {args.size} (Llama-shaped)" if args.size != "config" else f"size config ({spec.name_or_path})"
@@ -687,7 +688,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
-    adamw = adamw_label(paired.bare.adamw)
     return {"fit": fit, "bare": bare, "bare_alone": alone, "split": split, "host": host, "model": shape, "adamw": adamw}
 
 

@@ -210,8 +210,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             raise ValueError(f"gate_lr_ratio must be positive, got gate_lr_ratio={gate_lr_ratio}")
         if gate_weight_decay is not None and gate_weight_decay < 0:
             raise ValueError(f"gate_weight_decay must be >= 0 or null, got gate_weight_decay={gate_weight_decay}")
-        if adamw not in ADAMW_IMPLS:
-            raise ValueError(f"model.adamw must be one of {', '.join(ADAMW_IMPLS)}, got {adamw!r}")
+        adamw_options(adamw, cuda=False)  # refuses an unknown name before the model loads
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(
                 f"model.loss_chunk_size must be a positive number of positions or null, got {loss_chunk_size}"
