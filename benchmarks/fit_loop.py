@@ -69,6 +69,7 @@ from benchmarks.profile_steps import DtypeProbe, FitProfiler, StepProfiler, firs
 from benchmarks.shapes import SIZES, llama_config
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
+from datamodules.multitask import loader_options
 
 PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                   "on_before_optimizer_step", "on_before_zero_grad")  # fmt: skip
@@ -609,11 +610,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
     adamw = adamw_label(paired.bare.adamw)
+    loader = loader_options(cli.datamodule.num_workers, "cuda" if cuda else "cpu")
+    data = {"workers": loader["num_workers"], "pinned": loader["pin_memory"]}
     print(
         f"fit loop vs bare PEFT loop: {args.config} {' '.join(args.set)}, method={cfg.method}, "
         f"precision={cli.trainer.precision}, batch={cli.datamodule.batch_size}, diagnostics {args.diagnostics}, "
         f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}; "
-        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw})"
+        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw}); data.num_workers={cli.datamodule.num_workers}: "
+        f"{data['workers']} loader workers, batches {'pinned' if data['pinned'] else 'not pinned'}"
     )
     spec = cli.model.model_spec
     name = f"size {args.size} (Llama-shaped)" if args.size != "config" else f"size config ({spec.name_or_path})"
@@ -688,7 +692,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
-    return {"fit": fit, "bare": bare, "bare_alone": alone, "split": split, "host": host, "model": shape, "adamw": adamw}
+    return {
+        "fit": fit,
+        "bare": bare,
+        "bare_alone": alone,
+        "split": split,
+        "host": host,
+        "model": shape,
+        "adamw": adamw,
+        "data": data,
+    }
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
     assert "per-step module / bare: median" in out and "forward + loss" in out
     # both loops step fit's AdamW implementation (on the CPU, model.adamw=auto is PyTorch's default)
     assert result["adamw"] == "PyTorch's default" and "AdamW in both loops: model.adamw=auto" in out
+    # and the header names the loader: data.num_workers=auto is no workers and no pinning on the CPU
+    assert result["data"] == {"workers": 0, "pinned": False} and "0 loader workers, batches not pinned" in out
 
 
 def test_fit_loop_says_when_the_gradient_conflict_probe_falls_in_timed_steps(capsys):

@@ -12,7 +12,7 @@ import torch
 from cgc_lightning.hf import ModelLoadError, ModelSpec, load_tokenizer
 from datamodules.collate import IGNORE, encode, padded_width
 from datamodules.errors import DataError
-from datamodules.multitask import MultiTaskDataModule, split_rows
+from datamodules.multitask import MultiTaskDataModule, loader_options, split_rows
 from datamodules.sampling import MultiTaskSampler, task_probabilities
 from datamodules.tasks import TaskSpec, load_task_rows
 
@@ -212,6 +212,44 @@ def test_training_batches_mix_tasks_and_carry_ids(tmp_path):
         assert ((batch["labels"] != IGNORE).sum(1) > 0).all()
         seen.update(batch["task_ids"].tolist())
     assert seen == {0, 1, 2}
+
+
+def test_loader_workers_collate_off_the_main_thread_on_a_gpu_only():
+    # auto: two workers and pinned batches for a GPU (fewer workers on a machine without spare cores), none on a CPU
+    def opts(workers, pin, keep):
+        return {"num_workers": workers, "pin_memory": pin, "persistent_workers": keep}
+
+    assert loader_options("auto", "cuda", cpus=16) == opts(2, True, True)
+    assert loader_options("auto", "cuda", cpus=2) == opts(1, True, True)
+    assert loader_options("auto", "cuda", cpus=1) == opts(0, True, False)
+    assert loader_options("auto", "cpu", cpus=16) == opts(0, False, False)
+    assert loader_options(3, "cpu") == opts(3, False, True)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_worker_processes_give_the_same_batches_in_the_same_order(tmp_path, packing):
+    batches = {}
+    for workers in (0, 2):
+        dm = make_dm(tmp_path, num_workers=workers, packing=packing, batch_size=3, max_length=64)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        assert loader.num_workers == workers and loader.persistent_workers == (workers > 0)
+        batches[workers] = [b for _ in range(2) for b in loader]  # two epochs: the kept workers start a second one
+        mixed = dm.val_dataloader()[0]
+        assert mixed.num_workers == workers
+        batches[workers].extend(mixed)
+    assert len(batches[0]) == len(batches[2]) > 4
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else repr(a[k]) == repr(b[k])
+            assert same, k
+
+
+@pytest.mark.parametrize("value", [-1, "many", 1.5])
+def test_a_bad_worker_count_is_refused_naming_it(tmp_path, value):
+    with pytest.raises(DataError, match=rf"^data\.num_workers must be 'auto' or a number >= 0, got {value!r}$"):
+        make_dm(tmp_path, num_workers=value)
 
 
 def test_eval_loaders_are_one_per_task_without_mixing(tmp_path):
