@@ -426,6 +426,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         per_task = self._build()[split]
         groups = [[r for rows in per_task for r in rows]] if mix else per_task
+        options = self._loader_options()
+        # one loader per task: workers only while each is read, not two per task kept for the whole run
+        options["persistent_workers"] &= len(groups) == 1
         loaders = []
         for rows in groups:
             batches = eval_batches(rows, self.task_metrics, choice, by_length=mix, generate_batch_size=generate)
@@ -437,7 +440,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                     sampler=EvalShardSampler(len(batches), ranks, rank) if ranks > 1 else None,
                     shuffle=False,
                     collate_fn=collate,
-                    **self._loader_options(),
+                    **options,
                 )
             )
         return loaders

@@ -235,9 +235,13 @@ def test_worker_processes_give_the_same_batches_in_the_same_order(tmp_path, pack
         loader = dm.train_dataloader()
         assert loader.num_workers == workers and loader.persistent_workers == (workers > 0)
         batches[workers] = [b for _ in range(2) for b in loader]  # two epochs: the kept workers start a second one
-        mixed = dm.val_dataloader()[0]
-        assert mixed.num_workers == workers
+        (mixed,) = dm.val_dataloader()
+        assert mixed.num_workers == workers and mixed.persistent_workers == (workers > 0)
         batches[workers].extend(mixed)
+        # one loader per task (predict's, or eval_mix_tasks: false): workers only while each loader is read
+        per_task = dm.predict_dataloader()
+        assert len(per_task) == 3 and all(p.num_workers == workers and not p.persistent_workers for p in per_task)
+        batches[workers].extend(b for p in per_task for b in p)
     assert len(batches[0]) == len(batches[2]) > 4
     for a, b in zip(batches[0], batches[2], strict=True):
         assert a.keys() == b.keys()
