@@ -8,7 +8,9 @@ throw-away SQLite store. Validation is pushed past the timed steps, so only trai
 ``bare`` is the loop such a model would get without the framework: the same base model (``load_model`` of the
 same spec), a PEFT LoRA of the method's active rank and dropout on the same modules, ``model(..., labels=...).loss``
 (HF's own loss), ``backward``, AdamW, at the same precision, over the same batches in the same order (the data
-module's own loader).
+module's own loader). Both loops step fit's AdamW implementation (``model.adamw``), and when fit compiles
+(``model.compile``) the bare model is compiled with the same ``torch.compile`` arguments (``--bare-compile off``
+keeps it eager), so that the ratios compare the method and the Trainer, not optimizer kernels or compilation.
 
 The two loops run side by side: right after each of fit's steps (a callback, after fit's own step has been
 timed), the bare loop takes a step on the same batch. Steps bound by the host vary by 20 % between runs on a
@@ -174,14 +176,17 @@ class StepTimer(Callback):
 class BareLoop:
     """The bare loop for ``cli``'s model and method: the same base model (``load_model`` of the same spec), a PEFT
     LoRA of the method's active rank and dropout on the same modules, HF's own loss, ``backward``, AdamW, at the
-    same precision. :meth:`step` trains it on one batch of the data module's."""
+    same precision. :meth:`step` trains it on one batch of the data module's.
 
-    def __init__(self, cli, cuda: bool):
+    ``compile``: compile the model with fit's ``model.compile`` arguments (none when fit does not compile), as a
+    user compiling a bare loop would: ``torch.compile`` of the whole PEFT model, HF's loss included."""
+
+    def __init__(self, cli, cuda: bool, compile: bool = True):
         from peft import LoraConfig, get_peft_model
 
         from cgc_lightning.hf import load_model
         from cgc_lightning.inject import adapted_layers
-        from cgc_lightning.module import adamw_options
+        from cgc_lightning.module import adamw_options, compile_options, uses_cuda_graphs
 
         self.device = torch.device("cuda" if cuda else "cpu")
         precision = str(cli.trainer.precision)
@@ -200,6 +205,9 @@ class BareLoop:
         self.adamw = adamw_options(cli.model.adamw, cuda)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cli.model.lr, **self.adamw)
+        self.compile = compile_options(cli.model.hparams.get("compile", False)) if compile else None
+        self.cuda_graphs = uses_cuda_graphs(self.compile)
+        self.run = self.model if self.compile is None else torch.compile(self.model, **self.compile)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if precision.startswith("bf16-mixed")
@@ -209,8 +217,10 @@ class BareLoop:
     def forward(self, batch) -> torch.Tensor:
         """HF's own loss on the batch (moved to the device if it is not there)."""
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        if self.cuda_graphs:  # a new step: the graphs may overwrite the previous step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast:
-            return self.model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(self.device)).loss
+            return self.run(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(self.device)).loss
 
     def optimizer(self) -> None:
         self.opt.step()
@@ -220,7 +230,8 @@ class BareLoop:
         loss = self.forward(batch)
         loss.backward()
         self.optimizer()
-        return loss.detach()
+        # a replayed CUDA graph writes the next step's loss where this one is
+        return loss.detach().clone() if self.cuda_graphs else loss.detach()
 
     def resident_bytes(self) -> int:
         """What the loop keeps between steps on its device: the model's tensors and AdamW's state.
@@ -439,7 +450,7 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
         f'"init_args": {{"dirpath": "{store}", "filename": "profile"}}}}',
     ]
     cli = build_cli(args.config, [*overrides, *off, *timed], store, "fit-loop-benchmark", args.progress_bar == "on")
-    paired = PairedBare(BareLoop(cli, cuda), timed_steps, cuda) if pair else None
+    paired = PairedBare(BareLoop(cli, cuda, args.bare_compile == "same"), timed_steps, cuda) if pair else None
     timer = StepTimer(cuda, paired.bare if paired else None)
     cli.trainer.callbacks.append(timer)
     if paired:  # after the timer, so fit's step is timed without it
@@ -482,6 +493,13 @@ def adamw_label(options: dict) -> str:
     if options.get("foreach") is not None:
         return "foreach" if options["foreach"] else "for_loop"
     return "PyTorch's default"
+
+
+def compile_label(setting, bare: bool) -> str:
+    """What the header says of ``model.compile`` (``setting``) and whether the bare loop compiles too (``bare``)."""
+    if not setting:
+        return "no torch.compile"
+    return f"torch.compile in {'both loops' if bare else 'fit only (--bare-compile off)'}: model.compile={setting}"
 
 
 def iterations(starts: list[float], paired: list[float] | None, warmup: int, n: int) -> dict:
@@ -543,7 +561,9 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
     return out | ({"profile": profiler.summarise() | {"dtypes": dtypes}} if profiler else {})
 
 
-def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on") -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None, description: str, diagnostics: str = "on", bare: bool = True
+) -> argparse.Namespace:
     """The options of a benchmark built on :func:`run_fit` (this one, ``benchmarks.packing``), checked; such a
     benchmark applies ``--size`` with :func:`size_overrides`.
 
@@ -551,6 +571,7 @@ def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on"
         argv: the command line, or ``None`` for ``sys.argv``.
         description: the benchmark's ``--help`` text (its module docstring).
         diagnostics: the default of ``--diagnostics``.
+        bare: whether the benchmark runs the bare loop (and takes ``--bare-compile``).
     """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment config, as for `fit --config`")
@@ -578,6 +599,14 @@ def parse_args(argv: list[str] | None, description: str, diagnostics: str = "on"
         help="after the timed steps, N more of each loop under torch.profiler (not timed); 0: off",
     )
     p.add_argument("--profile-dir", type=Path, help="where the Chrome traces go (default: a new temporary folder)")
+    if bare:
+        p.add_argument(
+            "--bare-compile",
+            choices=["same", "off"],
+            default="same",
+            help="same: compile the bare loop's model as fit's model.compile says (nothing when fit does not compile); "
+            "off: keep the bare loop eager",
+        )
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.profile < 0:
         p.error("--steps must be >= 1, --warmup >= 0 and --profile >= 0")
@@ -610,13 +639,15 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
     adamw = adamw_label(paired.bare.adamw)
+    compiled = compile_label(cli.model.hparams.get("compile", False), paired.bare.compile is not None)
     loader = loader_options(cli.datamodule.num_workers, "cuda" if cuda else "cpu")
     data = {"workers": loader["num_workers"], "pinned": loader["pin_memory"]}
     print(
         f"fit loop vs bare PEFT loop: {args.config} {' '.join(args.set)}, method={cfg.method}, "
         f"precision={cli.trainer.precision}, batch={cli.datamodule.batch_size}, diagnostics {args.diagnostics}, "
         f"device={device}; median of {args.steps} steps after {args.warmup}; PEFT LoRA r={bare['rank']}; "
-        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw}); data.num_workers={cli.datamodule.num_workers}: "
+        f"AdamW in both loops: model.adamw={cli.model.adamw} ({adamw}); {compiled}; "
+        f"data.num_workers={cli.datamodule.num_workers}: "
         f"{data['workers']} loader workers, batches {'pinned' if data['pinned'] else 'not pinned'}"
     )
     spec = cli.model.model_spec
@@ -700,6 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
         "host": host,
         "model": shape,
         "adamw": adamw,
+        "compile": compiled,
         "data": data,
     }
 

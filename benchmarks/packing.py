@@ -24,7 +24,7 @@ from benchmarks.fit_loop import parse_args, run_fit, size_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__, diagnostics="off")
+    args = parse_args(argv, __doc__, diagnostics="off", bare=False)
     if args.profile:
         raise SystemExit("--profile is benchmarks.fit_loop's: profile a packed fit there with --set data.packing=true")
     cuda = torch.cuda.is_available()

@@ -208,3 +208,38 @@ def test_fit_loop_bare_and_module_loops_step_fits_adamw_implementation():
     ours = ModuleLoop(cli, bare)
     assert [g["fused"] for g in bare.opt.param_groups] == [True]
     assert [(g["name"], g["fused"]) for g in ours.opt.param_groups] == [("experts", True), ("gates", True)]
+
+
+def test_fit_loop_bare_loop_compiles_as_fit_does_unless_told_not_to():
+    """When fit compiles (``model.compile``), the bare loop compiles its PEFT model with the same arguments, so the
+    ratios compare the method and the Trainer, not compilation; ``--bare-compile off`` keeps it eager."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from benchmarks.fit_loop import BareLoop, build_cli, compile_label
+
+    cli = build_cli("experiments/tiny.yaml", [], Path(tempfile.mkdtemp()), "eager")
+    bare = BareLoop(cli, cuda=False)
+    assert bare.compile is None and bare.run is bare.model
+    assert compile_label(cli.model.hparams["compile"], bare.compile is not None) == "no torch.compile"
+
+    setting = ["--model.compile={backend: aot_eager}"]
+    cli = build_cli("experiments/tiny.yaml", setting, Path(tempfile.mkdtemp()), "compiled")
+    bare = BareLoop(cli, cuda=False)
+    assert bare.compile == {"backend": "aot_eager"} and isinstance(bare.run, OptimizedModule)
+    assert not bare.cuda_graphs
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    with torch.no_grad():
+        eager = bare.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+        torch.testing.assert_close(bare.forward(batch), eager, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    assert torch.isfinite(bare.step(batch))
+    label = compile_label(cli.model.hparams["compile"], True)
+    assert label == "torch.compile in both loops: model.compile={'backend': 'aot_eager'}"
+
+    off = BareLoop(cli, cuda=False, compile=False)
+    assert off.compile is None and off.run is off.model
+    assert compile_label(cli.model.hparams["compile"], False).startswith(
+        "torch.compile in fit only (--bare-compile off)"
+    )
