@@ -44,6 +44,9 @@ load it. The header names the size, the shape and the base parameter count.
         --set data.batch_size=8 --set data.max_length=512                                    # GPU, 1B shape
     python -m benchmarks.fit_loop --config experiments/tiny.yaml --steps 2 --warmup 1            # CPU smoke (CI)
 
+A step of either loop that takes longer than ``SLOW_STEP_S`` (2 s: compilation, CUDA graph recording, a stall) is
+reported on stderr as it ends (``fit: step 1 of 26 took 64.2 s``), so a long run shows where it is.
+
 ``--set key=value`` takes dotted LightningCLI overrides (``model.adapter.method=joint_lora``), any number.
 
 ``--profile N`` then runs N + 1 more steps of each loop, after its timed ones, under ``torch.profiler`` (the
@@ -58,6 +61,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -140,6 +144,18 @@ def model_shape(size: str, model: torch.nn.Module) -> dict:
     }
 
 
+#: A step slower than this many seconds is reported on stderr as it ends (compilation, CUDA graph recording, a
+#: stall), so that a long benchmark shows where it is; the report on stdout is unchanged.
+SLOW_STEP_S = 2.0
+
+
+def say_slow_step(loop: str, index: int, total: int | None, seconds: float) -> None:
+    """``fit: step 3 of 36 took 64.2 s`` on stderr when ``seconds`` passes :data:`SLOW_STEP_S`."""
+    if seconds > SLOW_STEP_S:
+        of = f" of {total}" if total else ""
+        print(f"{loop}: step {index + 1}{of} took {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 class StepTimer(Callback):
     """Wall time of each training step (synchronised), its non-pad tokens, its examples and its width; on a GPU
     also the peak memory allocated within the step (``peaks``), less what a ``paired`` bare loop holds then.
@@ -165,6 +181,7 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync()
         self.times.append(time.perf_counter() - self._t)
+        say_slow_step("fit", len(self.times) - 1, trainer.max_steps, self.times[-1])
         if self.cuda:
             self.peaks.append(torch.cuda.max_memory_allocated() - self._other)
         packed = batch.get("attention_mask") is None  # data.packing: the batch counts its own tokens
@@ -265,6 +282,7 @@ class PairedBare(Callback):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t)
         self.losses.append(loss)
+        say_slow_step("bare (paired)", len(self.times) - 1, self.steps, self.times[-1])
 
 
 PHASES = ("forward + loss", "backward", "optimizer")
@@ -546,6 +564,7 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
         loss = bare.step(batch)
         if cuda:
             torch.cuda.synchronize()
+        say_slow_step("bare alone", i, timed_steps, time.perf_counter() - t)
         if i >= timed_steps:
             if i == timed_steps:  # the probe's one step
                 dtypes = probe.remove()

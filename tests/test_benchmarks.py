@@ -23,11 +23,22 @@ def test_loss_memory_benchmark_runs_and_checks_lean_against_full(capsys):
     assert "equal within bf16" in out and "peft" in out and "lean" in out
 
 
-def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys):
+def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys, monkeypatch):
     from benchmarks import fit_loop
 
+    monkeypatch.setattr(fit_loop, "SLOW_STEP_S", 0.0)  # every step is "slow": each is reported on stderr as it ends
     result = fit_loop.main(["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    # slow steps go to stderr as they end (fit runs one step past the timed ones), not into the report on stdout
+    for line in (
+        "fit: step 1 of 4 took",
+        "fit: step 4 of 4 took",
+        "bare (paired): step 3 of 3",
+        "bare alone: step 3 of 3",
+    ):
+        assert line in err, line
+    assert "took" not in out
     assert "fit loop vs bare PEFT loop" in out and "forward + routing + per-task loss" in out
     assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
     assert (result["model"]["size"], result["model"]["hidden_size"]) == ("config", 32), "tiny.yaml's fixture model"
@@ -243,3 +254,12 @@ def test_fit_loop_bare_loop_compiles_as_fit_does_unless_told_not_to():
     assert compile_label(cli.model.hparams["compile"], False).startswith(
         "torch.compile in fit only (--bare-compile off)"
     )
+
+
+def test_fit_loop_reports_only_slow_steps(capsys):
+    from benchmarks.fit_loop import SLOW_STEP_S, say_slow_step
+
+    say_slow_step("fit", 0, 36, SLOW_STEP_S / 2)
+    say_slow_step("bare alone", 2, None, SLOW_STEP_S + 62.2)
+    err = capsys.readouterr().err
+    assert err == f"bare alone: step 3 took {SLOW_STEP_S + 62.2:.1f} s\n"
