@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
             overrides = [f"--{kv}" for kv in args.set] + sized + [f"--data.packing={str(packing).lower()}"]
             with tempfile.TemporaryDirectory() as tmp:
                 cli, results[name], _ = run_fit(args, overrides, Path(tmp), cuda)
+            # a fresh start for the next variant's compilation, as its own `fit` run would have: the first
+            # variant's graphs and guards otherwise stay, and the second compiles as a recompilation of the first
+            torch._dynamo.reset()
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
