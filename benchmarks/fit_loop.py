@@ -579,13 +579,14 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
         loss = bare.step(batch)
         if cuda:
             torch.cuda.synchronize()
-        say_slow_step("bare alone", i, timed_steps, time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        say_slow_step("bare alone", i, timed_steps, seconds)
         if i >= timed_steps:
             if i == timed_steps:  # the probe's one step
                 dtypes = probe.remove()
             profiler.end_step()
             continue
-        times.append(time.perf_counter() - t)
+        times.append(seconds)
         tokens.append(int(batch["attention_mask"].sum()))
         widths.append(int(batch["input_ids"].shape[1]))
         peak = torch.cuda.max_memory_allocated() - others if cuda else None
