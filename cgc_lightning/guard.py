@@ -1,8 +1,12 @@
 """Guards of a training run: what stops it, what it keeps when it stops, and config checks made before step 1.
 
-* A non-finite training loss stops ``fit`` before the optimizer applies it, with the step and the
+* A non-finite training loss stops ``fit`` without the optimizer applying it, with the step and the
   batch's tasks in the message; the checkpoints on disk stay as they were (the last good state) and
-  the MLflow run is marked FAILED, with the message as its ``error`` tag.
+  the MLflow run is marked FAILED, with the message as its ``error`` tag. With a fused AdamW (the
+  default on a GPU) the check costs no host sync: the flag goes to the optimizer's kernels, which skip
+  the update on the device when it is set, and the host reads it a step later, or before any checkpoint
+  is saved, validation starts or training ends, whichever comes first. Otherwise the host reads it before
+  every optimizer step, which waits for the GPU to finish the step's backward.
 * Ctrl-C finishes the training step under way, saves ``last.ckpt`` where ``fit --ckpt_path last``
   finds it, stops, and marks the MLflow run KILLED (a second Ctrl-C stops at once).
 * Every callback's ``monitor`` (checkpointing, early stopping) must name a metric the module logs:
@@ -19,6 +23,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -67,41 +72,133 @@ def check_monitors(trainer: Trainer, pl_module: LightningModule) -> None:
             )
 
 
+def deferred_blockers(trainer: Trainer) -> list[str]:
+    """What keeps the non-finite check from being deferred (empty: it can be): see ``RunGuard``'s ``check_finite``."""
+    blockers = []
+    groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+    if not groups or not all(g.get("fused") for g in groups):
+        blockers.append("a fused AdamW (model.adamw: fused, or auto on a GPU)")
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        blockers.append(f"a precision without a gradient scaler (bf16-mixed, not {trainer.precision})")
+    if trainer.world_size > 1:
+        blockers.append(f"one training process (this run has {trainer.world_size})")
+    return blockers
+
+
+class _PendingFlag:
+    """One optimizer step's non-finite flag with the loss and per-task sums for the message, on their way to the
+    host: copied without waiting into pinned memory on a GPU, read after the copy's event (by then long done)."""
+
+    def __init__(self, nonfinite: dict, step: int, epoch: int):
+        values = torch.cat([nonfinite["flag"].float().reshape(1), nonfinite["loss"].float().reshape(1),
+                            nonfinite["task_sum"].float().reshape(-1)])  # fmt: skip
+        self.step, self.epoch, self.task_ids = step, epoch, nonfinite["task_ids"]
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = values, None
+
+    def nonfinite(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[0].tolist() != 0
+
+    def as_dict(self) -> dict:
+        return {"loss": self.host[1], "task_sum": self.host[2:], "task_ids": self.task_ids}
+
+
 class RunGuard(Callback):
     """Stop on a non-finite loss, keep a checkpoint on Ctrl-C, check monitored metric names (module docstring).
 
     Args:
-        check_finite: check the training loss before every optimizer step (one host sync per step).
+        check_finite: stop on a NaN or infinite training loss without applying it. ``true``: ``deferred`` where
+            the optimizer can skip a step on the device, else ``step``. ``step``: read the flag before every
+            optimizer step (a host sync a step: the host waits for the step's backward). ``deferred``: the
+            flag goes to fused AdamW (``found_inf``), whose kernels skip the update when it is set, and the host
+            reads it one step later, without waiting (fails at the start of training unless ``model.adamw`` is
+            fused, the precision has no gradient scaler and one process trains). ``false``: no check.
         checkpoint_on_interrupt: on Ctrl-C, finish the step and save ``last.ckpt`` before stopping.
         check_replicas: under DDP, compare every rank's adapters with rank 0's at the end of ``fit``.
     """
 
-    def __init__(self, check_finite: bool = True, checkpoint_on_interrupt: bool = True, check_replicas: bool = True):
+    def __init__(
+        self,
+        check_finite: bool | Literal["step", "deferred"] = True,
+        checkpoint_on_interrupt: bool = True,
+        check_replicas: bool = True,
+    ):
+        if check_finite not in (True, False, "step", "deferred"):
+            raise ValueError(f"guard.check_finite must be true, false, step or deferred, got {check_finite!r}")
         self.check_finite, self.checkpoint_on_interrupt = check_finite, checkpoint_on_interrupt
         self.check_replicas = check_replicas
+        self.finite_mode: str | None = None  # step, deferred or None (off), from check_finite at the start of fit
+        self._pending: _PendingFlag | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if hasattr(pl_module, "layout"):
             check_monitors(trainer, pl_module)
 
+    def _resolve_finite_mode(self, trainer: Trainer) -> str | None:
+        if self.check_finite is False:
+            return None
+        if self.check_finite == "step":
+            return "step"
+        blockers = deferred_blockers(trainer)
+        if self.check_finite == "deferred" and blockers:
+            raise ValueError(f"guard.check_finite: deferred needs {'; '.join(blockers)} (or set it to step)")
+        return "step" if blockers else "deferred"
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         nonfinite = getattr(pl_module, "nonfinite", None)  # set by training_step; (micro-)batches since the last step
-        if not self.check_finite or nonfinite is None:
+        if self.finite_mode is None or nonfinite is None:
             return
         pl_module.nonfinite = None
-        if bool(nonfinite["flag"]):  # the one host sync
-            raise NonFiniteLossError(self._message(trainer, pl_module, nonfinite))
+        if self.finite_mode == "step":
+            if bool(nonfinite["flag"]):  # the one host sync
+                raise NonFiniteLossError(self._message(trainer, pl_module, nonfinite))
+            return
+        self._raise_if_pending_was_nonfinite(trainer, pl_module)  # the last step's: finished on the device by now
+        optimizer.found_inf = nonfinite["flag"].float()  # fused AdamW skips the update where this is 1
+        self._pending = _PendingFlag(nonfinite, trainer.global_step + 1, trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        for optimizer in trainer.optimizers:  # the flag is one step's; another use of the optimizer must not see it
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
+        if getattr(self, "_stop", False) and not self._saved:
+            self._saved = self._save_last(trainer)
+
+    def _raise_if_pending_was_nonfinite(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.nonfinite():
+            raise NonFiniteLossError(self._message(trainer, pl_module, pending.as_dict(), step=pending.step,
+                                                   epoch=pending.epoch))  # fmt: skip
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # before the file is written: a checkpoint is never taken after a non-finite step
+        self._raise_if_pending_was_nonfinite(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._raise_if_pending_was_nonfinite(trainer, pl_module)
+        self._stop_if_saved()
 
     @staticmethod
-    def _message(trainer: Trainer, pl_module: LightningModule, nonfinite: dict) -> str:
+    def _message(
+        trainer: Trainer, pl_module: LightningModule, nonfinite: dict, step: int | None = None, epoch: int | None = None
+    ) -> str:
         names = pl_module.layout.tasks
         in_batch = [names[t] for t in sorted(set(nonfinite["task_ids"].flatten().tolist()))]
         sums = nonfinite["task_sum"]
         bad = [names[t] for t in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
         ckpt = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "") or "none yet"
         return (
-            f"non-finite training loss ({float(nonfinite['loss'])}) at step {trainer.global_step + 1} "
-            f"(epoch {trainer.current_epoch}); tasks in the batch: {', '.join(in_batch)}; non-finite loss in: "
+            f"non-finite training loss ({float(nonfinite['loss'])}) at step "
+            f"{trainer.global_step + 1 if step is None else step} "
+            f"(epoch {trainer.current_epoch if epoch is None else epoch}); tasks in the batch: {', '.join(in_batch)}; "
+            "non-finite loss in: "
             f"{', '.join(bad) or 'none of the per-task losses (an auxiliary loss)'}. The optimizer did not apply it. "
             f"Last good checkpoint: {ckpt}. Lower model.lr, use trainer.precision 32-true or bf16-mixed instead of "
             "16-mixed, or set trainer.gradient_clip_val"
@@ -112,6 +209,7 @@ class RunGuard(Callback):
     # batch or validation. A second Ctrl-C stops at once, keeping the checkpoints already on disk.
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.finite_mode, self._pending = self._resolve_finite_mode(trainer), None
         self._stop, self._saved, self._previous = False, False, None
         if self.checkpoint_on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -132,14 +230,7 @@ class RunGuard(Callback):
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        if getattr(self, "_stop", False) and not self._saved:
-            self._saved = self._save_last(trainer)
-
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
-        self._stop_if_saved()
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop_if_saved()
 
     def _stop_if_saved(self) -> None:
@@ -149,12 +240,17 @@ class RunGuard(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
+        self._raise_if_pending_was_nonfinite(trainer, pl_module)  # the last step's
         if self.check_replicas and trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy):
             check_replicas(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         logger = mlflow_logger(trainer)
         self._restore()
+        self._pending = None
+        for optimizer in trainer.optimizers:
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
         if isinstance(exception, KeyboardInterrupt):
             if logger is not None:
                 logger.final_status = "KILLED"

@@ -41,3 +41,35 @@ def test_no_bar_of_ours_when_the_bar_is_off_or_the_config_brings_one(tmp_path, m
     bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
     assert not any(isinstance(c, (StepProgressBar, RichStepProgressBar)) for c in bars)
     assert len(bars) == (0 if "false" in args[0] else 1)
+
+
+class ShownMetrics(StepProgressBar):
+    """The TQDM bar, keeping what it showed after each training batch (by step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown: dict[int, dict] = {}
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        self.last = super().get_metrics(trainer, pl_module)  # what the bar is given to show
+        return self.last
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses = {**getattr(self, "losses", {}), trainer.global_step: float(outputs["loss"])}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.shown[trainer.global_step] = self.last
+
+
+def test_the_bar_reads_the_logged_loss_at_logging_steps_and_the_last_not_every_step(tmp_path, monkeypatch):
+    # every read of a logged tensor is a host sync on a GPU; Lightning's bars read at every batch
+    cli = tiny_cli(tmp_path, monkeypatch, "--trainer.max_steps=5", "--trainer.log_every_n_steps=2")
+    bar = ShownMetrics()
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ProgressBar)] + [bar]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    shown = {step: float(m["train/loss"]) for step, m in bar.shown.items()}
+    true = bar.losses
+    assert len(set(true.values())) == 5, "five different losses"
+    for step in (1, 2, 4, 5):  # the first, the logging steps 2 and 4, and the last
+        assert shown[step] == pytest.approx(true[step], rel=1e-3), step
+    assert shown[3] == shown[2] != pytest.approx(true[3], rel=1e-3), "step 3 shows step 2's loss, read then"
+    assert {m["step"] for m in bar.shown.values()} == {f"{s}/5" for s in range(1, 6)}, "the step count is live"

@@ -3,6 +3,7 @@ names and over-short sequences, each through `python -m cgc_lightning fit` on th
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -52,14 +53,22 @@ def train_steps(client, run) -> list[int]:
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_fails_the_mlflow_run(cwd):
-    proc = fit(cwd, "--trainer.callbacks+=tests.crash.PoisonAt", "--trainer.callbacks.step=4")
+@pytest.mark.parametrize("adamw", ["auto", "fused"], ids=["checked every step", "deferred"])
+def test_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_fails_the_mlflow_run(cwd, adamw):
+    # on a CPU `auto` is the unfused AdamW, so the guard reads the flag before every step; a fused one skips the
+    # poisoned update on the device and the guard reads the flag one step later
+    proc = fit(cwd, "--trainer.callbacks+=tests.crash.PoisonAt", "--trainer.callbacks.step=4", f"--model.adamw={adamw}")
     assert proc.returncode != 0
     assert "non-finite training loss (nan) at step 5" in proc.stderr, proc.stderr[-3000:]
     assert "tasks in the batch:" in proc.stderr and "The optimizer did not apply it" in proc.stderr
     client, run = only_run(cwd)
     assert run.info.status == "FAILED" and "non-finite training loss" in run.data.tags["error"]
-    assert train_steps(client, run) == [0, 1, 2, 3], "steps 1-4 logged, the poisoned step 5 not"
+    if adamw == "auto":
+        assert train_steps(client, run) == [0, 1, 2, 3], "steps 1-4 logged, the poisoned step 5 not"
+    else:  # step 5 finished (its update skipped) and logged its NaN loss; step 6 stopped before its update
+        assert train_steps(client, run) == [0, 1, 2, 3, 4]
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert math.isnan(history[-1].value) and all(math.isfinite(m.value) for m in history[:-1])
     ckpts = {p.name: p for p in cwd.glob(f"outputs/*/{run.info.run_id}/checkpoints/*.ckpt")}
     assert set(ckpts) == {"best.ckpt", "last.ckpt"}
     state = torch.load(ckpts["last.ckpt"], map_location="cpu", weights_only=True)

@@ -4,8 +4,10 @@ Lightning's Rich bar (its default when ``rich`` is installed) reads ``Epoch 0/-2
 (``max_epochs`` is -1 then), and both its bars total an epoch's batches without counting
 ``accumulate_grad_batches`` or the batches a resumed epoch already did. These bars total what the run will
 really take in this epoch (steps left x ``accumulate_grad_batches``, after the batches already done), leave the
-epoch count off when there is none, and show ``step=k/max_steps``. The CLI adds the Rich one (or the TQDM one
-without ``rich``) unless ``trainer.enable_progress_bar: false`` or the config brings its own bar.
+epoch count off when there is none, and show ``step=k/max_steps``. They read the logged metrics (the loss)
+only at logging steps, not at every batch as Lightning's do: each read waits for the GPU. The CLI adds the
+Rich one (or the TQDM one without ``rich``) unless ``trainer.enable_progress_bar: false`` or the config brings
+its own bar.
 """
 
 from __future__ import annotations
@@ -25,15 +27,35 @@ def epoch_batches(trainer: Trainer) -> float:
     return batches
 
 
+def metrics_due(trainer: Trainer, read_at: int | None) -> bool:
+    """Whether a training bar reads the logged metrics now: at the steps Lightning logs (every
+    ``log_every_n_steps``) and the last, once each. Lightning's bars read them at every batch: one host sync
+    a step, which holds the host until the GPU has finished the step's queued work."""
+    step, every = trainer.global_step, trainer.log_every_n_steps
+    if step == read_at:
+        return False
+    last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+    return not every or step % every == 0 or last
+
+
 class _StepTotals:
-    """What both bars share: the epoch's real total, and the step count beside the metrics."""
+    """What both bars share: the epoch's real total, the step count beside the metrics, and metrics read from
+    the device only at logging steps."""
+
+    _shown: dict | None = None
+    _read_at: int | None = None
 
     @property
     def total_train_batches(self) -> int | float:
         return epoch_batches(self.trainer)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        items = super().get_metrics(trainer, pl_module)
+        if trainer.training and self._read_at is not None and not metrics_due(trainer, self._read_at):
+            items = dict(self._shown)  # reading the logged loss would wait for the GPU to finish the step
+        else:
+            items = self._shown = super().get_metrics(trainer, pl_module)
+            if trainer.training:  # the first training batch reads too, so the loss shows from step 1
+                self._read_at = trainer.global_step
         if trainer.max_steps is not None and trainer.max_steps > 0:
             items = {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
         return items

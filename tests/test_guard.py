@@ -1,0 +1,83 @@
+"""The run guard's non-finite check, read before every step or deferred to fused AdamW's device-side skip: both
+stop the run without applying the bad update and name the step; the deferred one reads the flag a step later."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from cgc_lightning.guard import NonFiniteLossError, RunGuard
+from cgc_lightning.inject import adapter_parameters
+from tests.conftest import tiny_cli
+from tests.crash import PoisonAt
+
+QUIET = ["--seesaw.enabled=false", "--grad_conflict.enabled=false", "--gate_usage.enabled=false"]
+
+
+class AdaptersAfterEachStep(Callback):
+    """The adapter tensors after every optimizer step, by step."""
+
+    def __init__(self):
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after[trainer.global_step] = {n: p.detach().clone() for n, p in adapter_parameters(pl_module.model)}
+
+
+def poisoned_fit(tmp_path, monkeypatch, check_finite: str, poison_at: int, *args: str):
+    cli = tiny_cli(
+        tmp_path, monkeypatch, *QUIET, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1", "--model.adamw=fused", f"--guard.check_finite={check_finite}", *args,
+    )  # fmt: skip
+    seen = AdaptersAfterEachStep()
+    cli.trainer.callbacks += [PoisonAt(poison_at), seen]
+    with pytest.raises(NonFiniteLossError) as err:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    guard = next(c for c in cli.trainer.callbacks if isinstance(c, RunGuard))
+    return cli, guard, seen, str(err.value)
+
+
+@pytest.mark.parametrize("check_finite", ["step", "deferred", "true"])
+def test_a_nan_step_is_never_applied_and_the_error_names_it(tmp_path, monkeypatch, check_finite):
+    # PoisonAt(1): every step from the 2nd on has a NaN loss (the frozen embedding is inf from then on)
+    cli, guard, seen, message = poisoned_fit(tmp_path, monkeypatch, check_finite, 1)
+    assert guard.finite_mode == ("step" if check_finite == "step" else "deferred"), "fused AdamW on a CPU: deferred"
+    assert "non-finite training loss (nan) at step 2 (epoch 0)" in message and "did not apply it" in message
+    good = seen.after[1]
+    now = dict(adapter_parameters(cli.model.model))
+    assert all(torch.equal(now[n], good[n]) for n in good), "the adapters are those after step 1"
+    assert all(torch.isfinite(t).all() for t in now.values())
+    (optimizer,) = cli.trainer.optimizers
+    steps = {float(s["step"]) for s in optimizer.state.values()}
+    assert steps == {1.0}, "AdamW's step count: the skipped step was taken back"
+    assert not hasattr(optimizer, "found_inf"), "the flag does not outlive the step"
+    if guard.finite_mode == "deferred":  # the host read it one step later: step 3 ran its forward and backward
+        assert 2 in seen.after and 3 not in seen.after
+    else:
+        assert 2 not in seen.after
+
+
+def test_deferred_check_stops_before_a_checkpoint_of_the_bad_step_is_written(tmp_path, monkeypatch):
+    # the last step is the bad one: the resume checkpoint due after it must not be written
+    cli, guard, seen, message = poisoned_fit(
+        tmp_path, monkeypatch, "deferred", 3, "--resume_checkpoint.every_n_train_steps=1"
+    )
+    assert guard.finite_mode == "deferred" and "at step 4 (epoch 0)" in message
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in (tmp_path / "outputs").rglob("*.ckpt")]
+    assert max(s["global_step"] for s in states) == 3, "the newest checkpoint is step 3's, the last good one"
+    assert all(torch.isfinite(v).all() for s in states for v in s["state_dict"].values())
+
+
+def test_deferred_check_without_a_fused_adamw_fails_before_the_first_step(tmp_path, monkeypatch):
+    cli = tiny_cli(tmp_path, monkeypatch, *QUIET, "--trainer.max_steps=2", "--guard.check_finite=deferred")
+    seen = AdaptersAfterEachStep()
+    cli.trainer.callbacks.append(seen)
+    with pytest.raises(ValueError, match=r"deferred needs a fused AdamW \(model.adamw: fused"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert not seen.after, "no step ran"
+
+
+def test_check_finite_names_its_choices():
+    with pytest.raises(ValueError, match="true, false, step or deferred"):
+        RunGuard(check_finite="later")
