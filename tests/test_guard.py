@@ -81,3 +81,18 @@ def test_deferred_check_without_a_fused_adamw_fails_before_the_first_step(tmp_pa
 def test_check_finite_names_its_choices():
     with pytest.raises(ValueError, match="true, false, step or deferred"):
         RunGuard(check_finite="later")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_deferred_check_on_a_gpu_reads_the_flag_through_pinned_memory(tmp_path, monkeypatch):
+    # on CUDA the flag reaches the host by a copy that does not wait, and an event read a step later
+    cli, guard, seen, message = poisoned_fit(
+        tmp_path, monkeypatch, "true", 1, "--trainer.accelerator=gpu", "--trainer.devices=1",
+        "--trainer.precision=bf16-mixed",
+    )  # fmt: skip
+    assert guard.finite_mode == "deferred" and "non-finite training loss (nan) at step 2 (epoch 0)" in message
+    good = seen.after[1]
+    now = dict(adapter_parameters(cli.model.model))
+    assert all(now[n].is_cuda and torch.equal(now[n], good[n]) for n in good)
+    assert 2 in seen.after and 3 not in seen.after
