@@ -642,10 +642,33 @@ def parse_args(
             help="same: compile the bare loop's model as fit's model.compile says (nothing when fit does not compile); "
             "off: keep the bare loop eager",
         )
+        p.add_argument(
+            "--split",
+            choices=["on", "off"],
+            default="on",
+            help="on: after fit, step fit's module without the Trainer against the bare step, phase by phase; off: "
+            "skip it (compiled on a cold cache it compiles again; the fit / bare headline does not need it)",
+        )
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.profile < 0:
         p.error("--steps must be >= 1, --warmup >= 0 and --profile >= 0")
     return args
+
+
+def print_split(split: dict, fit_ratio: float) -> None:
+    module, bare_split = split["module"], split["bare"]
+    print(
+        "split (after fit): fit's module stepped without the Trainer (routing, forward, per-task loss; backward; "
+        "AdamW) and the bare step, interleaved on the same batches, each phase synchronised; medians, ms:"
+    )
+    for phase in (*PHASES, "step"):
+        m, b = module[phase], bare_split[phase]
+        print(f"  {phase:<16} module {m:>8.1f}  bare {b:>8.1f}  {m / b:>5.2f}x")
+    print(
+        f"  per-step module / bare: median {split['ratio']:.2f}x, quartiles {split['quartiles'][0]:.2f}-"
+        f"{split['quartiles'][1]:.2f}x; fit's window / bare above, {fit_ratio:.2f}x, less this is "
+        "what the Trainer adds (its step, hooks, logging) to the module's own cost"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -663,13 +686,21 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+        if len(paired.times) != len(fit["widths"]):
+            raise SystemExit(
+                "fit_loop pairs fit's padded batches with a bare loop; for packed rows use benchmarks.packing"
+            )
+        # the bare steps paired with fit's, on the same batches; its peak memory is the bare loop's alone
+        bare = summarise(paired.times, fit["step_tokens"], args.warmup, None, widths=fit["widths"], met=fit["widths"])
+        per_step = [f / b for f, b in zip(fit["step_s"], bare["step_s"], strict=True)]
+        print(  # first, so that a run cut short after fit (the bare loop alone, the split) still has its headline
+            f"fit / paired bare step: median {statistics.median(per_step):.2f}x over {len(per_step)} timed steps, "
+            f"fit {fit['ms']:.1f} ms, bare {bare['ms']:.1f} ms (the table below has the details)",
+            flush=True,
+        )
         alone = run_bare(args, cli, cuda, profilers["bare"], met=fit["widths"], bare=paired.bare)
-        split = run_split(args, cli, paired.bare, cuda)
-    if len(paired.times) != len(fit["widths"]):
-        raise SystemExit("fit_loop pairs fit's padded batches with a bare loop; for packed rows use benchmarks.packing")
+        split = run_split(args, cli, paired.bare, cuda) if args.split == "on" else None
     assert all(torch.isfinite(x) for x in paired.losses), "bare loop: a non-finite loss"
-    # the bare steps paired with fit's, on the same batches; its peak memory is the bare loop's alone
-    bare = summarise(paired.times, fit["step_tokens"], args.warmup, None, widths=fit["widths"], met=fit["widths"])
     bare |= {"rank": alone["rank"], "params": alone["params"], "peak_gib": alone["peak_gib"]}
     device = torch.cuda.get_device_name() if cuda else "cpu"
     cfg = cli.model.adapter_config
@@ -703,7 +734,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<10} {r['ms']:>9.1f} {r['tokens_per_s']:>11,.0f} {mem} {r['ms'] / bare['ms']:>10.2f} {ratio_mem}")
     if memory_note:
         print(memory_note)
-    per_step = [f / b for f, b in zip(fit["step_s"], bare["step_s"], strict=True)]
     q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
     print(
         "bare: a bare step on each of fit's batches right after fit's own (paired, so both see the machine's pace "
@@ -742,19 +772,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{fit['iteration_ms'] - window:.1f} ms a step go to fetching the next batch, logging (every "
         f"{cli.trainer.log_every_n_steps} steps) and the hooks between steps, which the bare rows do not time"
     )
-    module, bare_split = split["module"], split["bare"]
-    print(
-        "split (after fit): fit's module stepped without the Trainer (routing, forward, per-task loss; backward; "
-        "AdamW) and the bare step, interleaved on the same batches, each phase synchronised; medians, ms:"
-    )
-    for phase in (*PHASES, "step"):
-        m, b = module[phase], bare_split[phase]
-        print(f"  {phase:<16} module {m:>8.1f}  bare {b:>8.1f}  {m / b:>5.2f}x")
-    print(
-        f"  per-step module / bare: median {split['ratio']:.2f}x, quartiles {split['quartiles'][0]:.2f}-"
-        f"{split['quartiles'][1]:.2f}x; fit's window / bare above, {statistics.median(per_step):.2f}x, less this is "
-        "what the Trainer adds (its step, hooks, logging) to the module's own cost"
-    )
+    if split is not None:
+        print_split(split, statistics.median(per_step))
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")

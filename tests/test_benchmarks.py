@@ -1,5 +1,6 @@
 """The benchmarks run at a tiny size on the CPU (their own correctness checks included); no timing is asserted."""
 
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys, m
         assert len(split[loop]["step_s"]) == 2 and all(split[loop][ph] > 0 for ph in fit_loop.PHASES)
     assert split["quartiles"][0] <= split["ratio"] <= split["quartiles"][1]
     assert "per-step module / bare: median" in out and "forward + loss" in out
+    # the headline is printed as soon as fit is done, before the bare loop alone and the split run
+    median = statistics.median(f / b for f, b in zip(fit["step_s"], result["bare"]["step_s"], strict=True))
+    assert f"fit / paired bare step: median {median:.2f}x over 2 timed steps" in out
+    assert out.index("fit / paired bare step") < out.index("fit loop vs bare PEFT loop")
     # both loops step fit's AdamW implementation (on the CPU, model.adamw=auto is PyTorch's default)
     assert result["adamw"] == "PyTorch's default" and "AdamW in both loops: model.adamw=auto" in out
     # and the header names the loader: data.num_workers=auto is no workers and no pinning on the CPU
@@ -291,3 +296,14 @@ def test_fit_loop_reports_only_slow_steps(capsys):
     say_slow_step("bare alone", 2, None, SLOW_STEP_S + 62.2)
     err = capsys.readouterr().err
     assert err == f"bare alone: step 3 took {SLOW_STEP_S + 62.2:.1f} s\n"
+
+
+def test_fit_loop_without_the_split_still_prints_both_loops(capsys):
+    """Compiled on a cold cache the split compiles again; ``--split off`` leaves it out, not the fit / bare rows."""
+    from benchmarks import fit_loop
+
+    result = fit_loop.main(["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1", "--split", "off"])
+    out = capsys.readouterr().out
+    assert result["split"] is None and "split (after fit)" not in out and "per-step module / bare" not in out
+    assert "fit / paired bare step: median" in out and "per-step fit / bare: median" in out
+    assert all(r["ms"] > 0 for r in (result["fit"], result["bare"], result["bare_alone"]))
