@@ -59,6 +59,7 @@ traces go to ``--profile-dir`` (default: a new temporary folder, printed).
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import statistics
 import sys
@@ -643,6 +644,13 @@ def parse_args(
             "off: keep the bare loop eager",
         )
         p.add_argument(
+            "--steps-csv",
+            type=Path,
+            metavar="PATH",
+            help="write each timed step's fit and paired bare ms (and their ratio) to this CSV, to see how the "
+            "steps spread (a probe step, a slow phase of the run) behind the medians",
+        )
+        p.add_argument(
             "--split",
             choices=["on", "off"],
             default="on",
@@ -653,6 +661,17 @@ def parse_args(
     if args.steps < 1 or args.warmup < 0 or args.profile < 0:
         p.error("--steps must be >= 1, --warmup >= 0 and --profile >= 0")
     return args
+
+
+def write_steps_csv(path: Path, warmup: int, fit_s: list[float], bare_s: list[float]) -> None:
+    """One row per timed step: its number in the run (after ``warmup`` untimed ones), fit's and the paired bare ms."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["step", "fit_ms", "bare_ms", "fit_over_bare"])
+        for i, (f_s, b_s) in enumerate(zip(fit_s, bare_s, strict=True)):
+            out.writerow([warmup + i + 1, f"{f_s * 1e3:.3f}", f"{b_s * 1e3:.3f}", f"{f_s / b_s:.4f}"])
+    print(f"per-step times: {path}")
 
 
 def print_split(split: dict, fit_ratio: float) -> None:
@@ -698,6 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"fit {fit['ms']:.1f} ms, bare {bare['ms']:.1f} ms (the table below has the details)",
             flush=True,
         )
+        if args.steps_csv:
+            write_steps_csv(args.steps_csv, args.warmup, fit["step_s"], bare["step_s"])
         alone = run_bare(args, cli, cuda, profilers["bare"], met=fit["widths"], bare=paired.bare)
         split = run_split(args, cli, paired.bare, cuda) if args.split == "on" else None
     assert all(torch.isfinite(x) for x in paired.losses), "bare loop: a non-finite loss"

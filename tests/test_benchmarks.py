@@ -1,5 +1,6 @@
 """The benchmarks run at a tiny size on the CPU (their own correctness checks included); no timing is asserted."""
 
+import csv
 import statistics
 import tempfile
 from pathlib import Path
@@ -298,12 +299,24 @@ def test_fit_loop_reports_only_slow_steps(capsys):
     assert err == f"bare alone: step 3 took {SLOW_STEP_S + 62.2:.1f} s\n"
 
 
-def test_fit_loop_without_the_split_still_prints_both_loops(capsys):
-    """Compiled on a cold cache the split compiles again; ``--split off`` leaves it out, not the fit / bare rows."""
+def test_fit_loop_without_the_split_still_prints_both_loops(capsys, tmp_path):
+    """Compiled on a cold cache the split compiles again; ``--split off`` leaves it out, not the fit / bare rows.
+
+    ``--steps-csv`` writes the timed steps behind the medians, numbered as in the run (after the warm-up).
+    """
     from benchmarks import fit_loop
 
-    result = fit_loop.main(["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1", "--split", "off"])
+    steps = tmp_path / "runs" / "steps.csv"
+    argv = ["--config", "experiments/tiny.yaml", "--steps", "3", "--warmup", "1", "--split", "off"]
+    result = fit_loop.main([*argv, "--steps-csv", str(steps)])
     out = capsys.readouterr().out
     assert result["split"] is None and "split (after fit)" not in out and "per-step module / bare" not in out
     assert "fit / paired bare step: median" in out and "per-step fit / bare: median" in out
     assert all(r["ms"] > 0 for r in (result["fit"], result["bare"], result["bare_alone"]))
+    rows = list(csv.DictReader(steps.open()))
+    assert [int(r["step"]) for r in rows] == [2, 3, 4] and f"per-step times: {steps}" in out
+    fit_ms, bare_ms = [float(r["fit_ms"]) for r in rows], [float(r["bare_ms"]) for r in rows]
+    assert statistics.median(fit_ms) == pytest.approx(result["fit"]["ms"], rel=1e-3)
+    assert statistics.median(bare_ms) == pytest.approx(result["bare"]["ms"], rel=1e-3)
+    for r, f, b in zip(rows, fit_ms, bare_ms, strict=True):
+        assert float(r["fit_over_bare"]) == pytest.approx(f / b, rel=1e-3)
