@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from cgc_lightning.callbacks import GateUsageMonitor, GradientConflictMonitor, SeesawMonitor
 from cgc_lightning.callbacks.progress import step_progress_bar
-from cgc_lightning.guard import RunGuard, check_monitors
+from cgc_lightning.guard import ResumeCheckpoint, RunGuard, check_monitors
 from cgc_lightning.module import MultiTaskLoRAModule
 from cgc_lightning.tracking import BestAdapterArtifact, MLflowConfigCallback, check_tracking_uri, default_tracking_uri
 from datamodules.multitask import MultiTaskDataModule
@@ -45,6 +45,7 @@ _SECTIONS = {
     "MultiTaskLoRAModule": "model",
     "MultiTaskDataModule": "data",
     "TaskSpec": "data.tasks",
+    "ResumeCheckpoint": "resume_checkpoint",
 }
 _OURS = tuple(str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("cgc_lightning", "datamodules"))
 
@@ -82,8 +83,9 @@ class CGCLightningCLI(LightningCLI):
         parser.link_arguments("data.task_clusters", "model.task_clusters", apply_on="instantiate")
         parser.link_arguments("data.task_metrics", "model.task_metrics", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # last.ckpt every N steps, so a crash loses at most N steps: `fit --ckpt_path last` resumes from it
-        parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
+        # last.ckpt every N steps, at most once a minute, so a crash loses at most that much: `fit --ckpt_path last`
+        # resumes from it
+        parser.add_lightning_class_args(ResumeCheckpoint, "resume_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(BestAdapterArtifact, "best_adapter")
         # seesaw diagnostics, on by default; `<name>.enabled: false` turns one off
@@ -100,6 +102,7 @@ class CGCLightningCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best",
                 "resume_checkpoint.every_n_train_steps": 50,
+                "resume_checkpoint.min_interval_s": 60,
                 "resume_checkpoint.save_top_k": 0,
                 "resume_checkpoint.save_last": True,
                 # both write `last.ckpt` (whichever saved last holds the newest state); with the version counter

@@ -183,6 +183,12 @@ CASES = [
         ["error: init_adapter ./no/adapter does not exist"],
         id="adapter-init-adapter-missing",
     ),
+    # ---- callbacks
+    pytest.param(
+        overrides("--resume_checkpoint.min_interval_s=-5"),
+        ["resume_checkpoint.min_interval_s must be >= 0 seconds, got -5"],
+        id="resume-interval-negative",
+    ),
     # ---- optimizer and loss: MultiTaskLoRAModule.__init__
     pytest.param(overrides("--model.lr=-0.001"), ["model: lr must be positive, got lr=-0.001"], id="lr-negative"),
     pytest.param(overrides("--model.lr=0"), ["model: lr must be positive, got lr=0.0"], id="lr-0"),

@@ -302,6 +302,7 @@ def test_resume_after_sigkill_on_gpu(experiment, tmp_path):
         "--trainer.val_check_interval=4",
         "--trainer.log_every_n_steps=1",
         "--resume_checkpoint.every_n_train_steps=2",
+        "--resume_checkpoint.min_interval_s=0",
         "--grad_conflict.enabled=false",
     ]
     run(tmp_path, *common, "--trainer.logger.init_args.experiment_name=whole")

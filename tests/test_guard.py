@@ -1,13 +1,16 @@
 """The run guard's non-finite check, read before every step or deferred to fused AdamW's device-side skip: both
-stop the run without applying the bad update and name the step; the deferred one reads the flag a step later."""
+stop the run without applying the bad update and name the step; the deferred one reads the flag a step later.
+And the resume checkpoint's wait between saves."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from cgc_lightning.guard import NonFiniteLossError, RunGuard
+from cgc_lightning import guard as guard_module
+from cgc_lightning.guard import NonFiniteLossError, ResumeCheckpoint, RunGuard
 from cgc_lightning.inject import adapter_parameters
 from tests.conftest import tiny_cli
 from tests.crash import PoisonAt
@@ -61,7 +64,12 @@ def test_a_nan_step_is_never_applied_and_the_error_names_it(tmp_path, monkeypatc
 def test_deferred_check_stops_before_a_checkpoint_of_the_bad_step_is_written(tmp_path, monkeypatch):
     # the last step is the bad one: the resume checkpoint due after it must not be written
     cli, guard, seen, message = poisoned_fit(
-        tmp_path, monkeypatch, "deferred", 3, "--resume_checkpoint.every_n_train_steps=1"
+        tmp_path,
+        monkeypatch,
+        "deferred",
+        3,
+        "--resume_checkpoint.every_n_train_steps=1",
+        "--resume_checkpoint.min_interval_s=0",
     )
     assert guard.finite_mode == "deferred" and "at step 4 (epoch 0)" in message
     states = [torch.load(p, map_location="cpu", weights_only=True) for p in (tmp_path / "outputs").rglob("*.ckpt")]
@@ -96,3 +104,56 @@ def test_deferred_check_on_a_gpu_reads_the_flag_through_pinned_memory(tmp_path, 
     now = dict(adapter_parameters(cli.model.model))
     assert all(good[n].is_cuda and torch.equal(now[n].cpu(), good[n].cpu()) for n in good)  # fit moved them back
     assert 2 in seen.after and 3 not in seen.after
+
+
+class StepClock(Callback):
+    """A clock at ``10 s x steps taken + 5 s`` during each step, so the seconds between saves are known."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.now = 10.0 * trainer.global_step + 5.0
+
+
+@pytest.mark.parametrize(
+    ("every", "min_interval_s", "saved_at"),
+    [
+        (1, 0, [1, 2, 3, 4, 5, 6]),  # Lightning's rule: every due step
+        (1, 25, [3, 6]),  # due every step, saved once 25 s have passed since the start, then since the save
+        (2, 25, [4]),  # due at 2, 4, 6: at 2 (15 s) too soon, at 4 (35 s) saved, at 6 (20 s after) too soon
+    ],
+)
+def test_resume_checkpoint_saves_due_steps_at_most_once_per_interval(tmp_path, monkeypatch, every, min_interval_s,
+                                                                     saved_at):  # fmt: skip
+    clock = StepClock()
+    monkeypatch.setattr(guard_module.time, "monotonic", lambda: clock.now)
+    resume = ResumeCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=every, save_top_k=0, save_last=True, min_interval_s=min_interval_s
+    )
+    saved, save = [], resume._save_checkpoint
+
+    def recording_save(trainer, path):
+        saved.append(trainer.global_step)
+        save(trainer, path)
+
+    resume._save_checkpoint = recording_save
+    trainer = Trainer(
+        max_steps=6, limit_val_batches=0, callbacks=[clock, resume], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=True, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    assert saved == saved_at
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == saved_at[-1], "last.ckpt holds the newest save"
+
+
+def test_resume_checkpoint_interval_is_checked_and_named():
+    with pytest.raises(ValueError, match=r"resume_checkpoint.min_interval_s must be >= 0 seconds, got -1"):
+        ResumeCheckpoint(min_interval_s=-1)
+
+
+def test_the_cli_saves_every_50_steps_at_most_once_a_minute_by_default(tmp_path, monkeypatch):
+    cli = tiny_cli(tmp_path, monkeypatch, *QUIET)
+    (resume,) = [c for c in cli.trainer.callbacks if isinstance(c, ResumeCheckpoint)]
+    assert (resume.min_interval_s, resume._every_n_train_steps, resume.save_last) == (60.0, 50, True)

@@ -20,6 +20,7 @@ COMMON = [
     "--trainer.val_check_interval=6",
     "--trainer.log_every_n_steps=1",
     "--resume_checkpoint.every_n_train_steps=4",
+    "--resume_checkpoint.min_interval_s=0",  # every 4 steps, however fast the steps
     "--model.adapter.dropout=0.1",
 ]
 
