@@ -128,12 +128,14 @@ def summarise(events, steps: int, wall_s: float, cuda: bool) -> dict:
     device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     names = Counter(e.name for e in host)
     ops = defaultdict(lambda: [0.0, 0, Counter()])  # name -> [self us, calls, input dtypes]
+    host_us = Counter()  # name -> self host (CPU) us, which on a GPU is not what `ops` ranks by
     for e in host:
         if e.name.startswith("ProfilerStep"):  # the step's own range: its self time is time outside any op
             continue
         op = ops[e.name]
         op[0] += e.self_device_time_total if cuda else e.self_cpu_time_total
         op[1] += 1
+        host_us[e.name] += e.self_cpu_time_total
         dtypes = ",".join(sorted({d for d in (getattr(e, "input_dtypes", None) or []) if d}))
         if dtypes:
             op[2][dtypes] += 1
@@ -159,6 +161,12 @@ def summarise(events, steps: int, wall_s: float, cuda: bool) -> dict:
             for name, (us, calls, d) in top
         ],
         "self_ms": {name: v[0] / 1e3 / steps for name, v in ops.items()},
+        # on a GPU the host's side: which ops (and the adapters' own autograd nodes, named as their classes) the
+        # host spends its time in, for a step the host, not the GPU, sets the pace of
+        "host_top": [
+            {"op": name, "ms": us / 1e3 / steps, "calls": ops[name][1] / steps} for name, us in host_us.most_common(TOP)
+        ],
+        "host_self_ms": {name: us / 1e3 / steps for name, us in host_us.items()},
     }
 
 
@@ -315,10 +323,19 @@ def report(results: dict[str, dict], cuda: bool) -> None:
         print(f"  {'op':<60} {'ms':>8} {'calls':>7}  input dtypes")
         for t in r["top"]:
             print(f"  {t['op'][:60]:<60} {t['ms']:>8.2f} {t['calls']:>7.0f}  {t['dtypes'][:40]}")
-    diff = {
-        op: fit["self_ms"].get(op, 0.0) - bare["self_ms"].get(op, 0.0) for op in {*fit["self_ms"], *bare["self_ms"]}
-    }
+    print_diff(fit["self_ms"], bare["self_ms"], what)
+    if cuda:  # the device tables above rank by GPU time; a host-bound step needs the host's side too
+        for name, r in results.items():
+            print(f"{name}: top {TOP} ops by self host ms per step")
+            print(f"  {'op':<60} {'ms':>8} {'calls':>7}")
+            for t in r["host_top"]:
+                print(f"  {t['op'][:60]:<60} {t['ms']:>8.2f} {t['calls']:>7.0f}")
+        print_diff(fit["host_self_ms"], bare["host_self_ms"], "self host ms")
+
+
+def print_diff(fit: dict[str, float], bare: dict[str, float], what: str) -> None:
+    """The ``TOP`` ops whose per-step ms (``name -> ms`` of each loop) differ the most between fit and bare."""
+    diff = {op: fit.get(op, 0.0) - bare.get(op, 0.0) for op in {*fit, *bare}}
     print(f"fit - bare: the {TOP} ops whose {what} per step differ the most")
     for op, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:TOP]:
-        ms = f"fit {fit['self_ms'].get(op, 0.0):.2f}, bare {bare['self_ms'].get(op, 0.0):.2f}"
-        print(f"  {op[:60]:<60} {d:>+8.2f}  ({ms})")
+        print(f"  {op[:60]:<60} {d:>+8.2f}  (fit {fit.get(op, 0.0):.2f}, bare {bare.get(op, 0.0):.2f})")

@@ -143,6 +143,32 @@ def test_profile_device_time_counts_kernels_and_copies_not_the_user_ranges_spann
     assert (r["device_ms"], r["kernels"], r["dtoh_copies"]) == (2.0, 1.0, 0.5)
 
 
+def test_profile_on_a_gpu_also_ranks_ops_by_host_time(capsys):
+    """A step whose pace the host sets needs the host's side: on a GPU the ops are ranked by device time, and also
+    by self host time, each loop's and fit - bare."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.profile_steps import report, summarise
+
+    def op(name, host_us, device_us):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, is_async=False, self_cpu_time_total=host_us,
+                               self_device_time_total=device_us, input_dtypes=[])  # fmt: skip
+
+    fit = summarise([op("GatedMixtureBackward", 900, 0), op("aten::mm", 300, 5_000), op("aten::mm", 300, 5_000)],
+                    steps=2, wall_s=0.2, cuda=True)  # fmt: skip
+    bare = summarise([op("aten::mm", 200, 6_000), op("aten::addmm", 100, 2_000)], steps=2, wall_s=0.2, cuda=True)
+    assert fit["host_top"][0] == {"op": "GatedMixtureBackward", "ms": 0.45, "calls": 0.5}
+    assert fit["host_self_ms"]["aten::mm"] == 0.3 and fit["self_ms"]["aten::mm"] == 5.0, "host and device apart"
+    extra = {"steps": 2, "trace": "t.json", "sync_sites": {}, "host_value_sites": {}, "dtypes": {}}
+    report({"fit": fit | extra, "bare": bare | extra}, cuda=True)
+    out = capsys.readouterr().out
+    assert "fit: top 15 ops by self host ms per step" in out and "bare: top 15 ops by self host ms per step" in out
+    host_diff = out.split("ops whose self host ms per step differ the most")[1]
+    assert host_diff.splitlines()[1].split()[:2] == ["GatedMixtureBackward", "+0.45"]
+
+
 def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_traces(capsys, tmp_path):
     from benchmarks import fit_loop
 
