@@ -575,7 +575,7 @@ def run_bare(args, cli, cuda: bool, profiler: StepProfiler | None = None, met=()
             torch.cuda.synchronize()
         if profiler and i == timed_steps:
             probe = DtypeProbe(*first_peft_layer(bare.model))
-            profiler.begin()
+            profiler.begin(compiled=bare.compile is not None)
         t = time.perf_counter()
         loss = bare.step(batch)
         if cuda:

@@ -14,7 +14,8 @@ Per loop, :func:`summarise` reports per step: the wall time of the window, the d
 CPU time inside profiled ops, the count of ``aten::`` ops, of device kernels and of kernel launches, the
 device -> host synchronisations (CUDA runtime sync calls and ``Memcpy DtoH`` copies; on any device the ops
 that make the host wait for a value: ``aten::_local_scalar_dense`` is ``.item()``, ``aten::nonzero`` a boolean
-index), the SDPA backend attention went through, and the ops by self device time (self CPU time without a
+index), what ``torch.compile`` ran (its regions, and CUDA graph launches on a GPU), the SDPA backend attention
+went through, and the ops by self device time (self CPU time without a
 GPU) with their input dtypes. On a GPU, the Python lines that made CUDA synchronise (``set_sync_debug_mode
 ("warn")`` over the recorded steps). :class:`DtypeProbe` records, on the warm-up step, the dtypes at the first
 adapted layer: its base weight, its adapter weights, the hidden states entering it and what its adapter gets.
@@ -48,6 +49,8 @@ SDPA_OPS = {
     "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
 }
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa")
+# the profiler's range around each call of a torch.compile'd function ("Torch-Compiled Region: 0/0")
+COMPILED_REGION = "Torch-Compiled Region"
 TOP = 15
 TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -73,19 +76,26 @@ class StepProfiler:
         self.done, self.active, self.wall_s = 0, False, 0.0
         self.sync_sites: Counter = Counter()
         self._warnings = None
-        self.host_values = HostValueProbe()
+        self.host_values: HostValueProbe | None = None
 
-    def begin(self) -> None:
-        """Call before the first of the ``runs`` steps."""
+    def begin(self, compiled: bool = False) -> None:
+        """Call before the first of the ``runs`` steps; ``compiled``: the loop runs ``torch.compile``'d code.
+
+        A compiled loop gets no :class:`HostValueProbe`: once a function compiled by ``torch.compile`` has run
+        under a ``TorchDispatchMode``, it runs eager for the rest of the process, so the recorded steps would
+        profile the eager loop instead (seen on an H200: 18,600 eager ops a step, no compiled region)."""
         self.active = True
-        self.host_values.__enter__()
+        self.host_values = None if compiled else HostValueProbe()
+        if self.host_values is not None:
+            self.host_values.__enter__()
         self.prof.start()
 
     def end_step(self) -> None:
         """Call after each of the ``runs`` steps."""
         self.done += 1
         if self.done == 1:  # the warm-up step: the recorded steps start here
-            self.host_values.__exit__(None, None, None)
+            if self.host_values is not None:
+                self.host_values.__exit__(None, None, None)
             if self.cuda:  # where the host waits: each synchronising CUDA call warns with the line that made it
                 self._warnings = warnings.catch_warnings(record=True)
                 self._caught = self._warnings.__enter__()
@@ -116,7 +126,8 @@ class StepProfiler:
             "steps": self.steps,
             "trace": str(self.folder / f"{self.label}.json"),
             "sync_sites": {site: n / self.steps for site, n in self.sync_sites.most_common(10)},
-            "host_value_sites": dict(self.host_values.sites.most_common()),
+            # None: not probed (a compiled loop, see begin)
+            "host_value_sites": None if self.host_values is None else dict(self.host_values.sites.most_common()),
         }
 
 
@@ -152,6 +163,9 @@ def summarise(events, steps: int, wall_s: float, cuda: bool) -> dict:
         "kernels": len(device) / steps if cuda else None,
         "launches": sum(n for name, n in names.items() if "LaunchKernel" in name) / steps if cuda else None,
         "sync_calls": {n: names[n] / steps for n in SYNC_CALLS if names[n]},
+        # what torch.compile ran: its regions (one per call of a compiled function) and CUDA graph replays
+        "compiled_regions": sum(n for name, n in names.items() if name.startswith(COMPILED_REGION)) / steps,
+        "graph_launches": names["cudaGraphLaunch"] / steps if cuda else None,
         "dtoh_copies": sum(n for name, n in kernels.items() if "DtoH" in name) / steps if cuda else None,
         "host_value_ops": {n: names[n] / steps for n in HOST_VALUE_OPS if names[n]},
         "attention": attention,
@@ -268,7 +282,7 @@ class FitProfiler(Callback):
             from cgc_lightning.inject import adapted_layers
 
             self.probe = DtypeProbe(*next(adapted_layers(pl_module.model)))
-            self.profiler.begin()
+            self.profiler.begin(compiled=bool(getattr(pl_module, "_compiled", ())))
         self.batches += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -302,6 +316,8 @@ def report(results: dict[str, dict], cuda: bool) -> None:
     row("kernel launches", "launches", "{:.0f}")
     row("CUDA sync calls (timers' own: ~2)", lambda r: sum(r["sync_calls"].values()) if cuda else None, "{:.0f}")
     row("Memcpy DtoH", "dtoh_copies", "{:.0f}")
+    row("torch.compile regions", "compiled_regions", "{:.0f}")
+    row("CUDA graph launches", "graph_launches", "{:.0f}")
     for op in HOST_VALUE_OPS:
         if op in fit["host_value_ops"] or op in bare["host_value_ops"]:
             row(f"{op} (host waits for a value)", lambda r, op=op: r["host_value_ops"].get(op, 0.0), "{:.0f}")
@@ -315,6 +331,9 @@ def report(results: dict[str, dict], cuda: bool) -> None:
         print(f"  {name}: Chrome trace {r['trace']}")
     for name, r in results.items():
         print(f"{name}: ops that read a value on the host, by op, tensor device and call site (warm-up step)")
+        if r["host_value_sites"] is None:
+            print("  not probed: the loop is compiled (a dispatch mode would leave its compiled code unused)")
+            continue
         for (op, device, where), n in r["host_value_sites"].items():
             print(f"  {n:>4} {op.removeprefix('aten::'):<20} {device:<5} {where}")
     what = "self device ms" if cuda else "self CPU ms"

@@ -189,9 +189,31 @@ def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_
         assert "adapter input" in dtypes
         # AdamW reads each parameter's step count on the host, in both loops
         assert any(op == "aten::_local_scalar_dense" for op, _, _ in prof["host_value_sites"])
+        assert prof["compiled_regions"] == 0, "nothing is compiled without model.compile"
     sites = [where for _, _, where in result["fit"]["profile"]["host_value_sites"]]
     assert any("cgc_lightning/guard.py" in w for w in sites), "the run guard's one read of the non-finite flag"
     assert not any("cgc_lightning/" in w for _, _, w in result["bare_alone"]["profile"]["host_value_sites"])
+
+
+def test_fit_loop_profile_of_a_compiled_loop_profiles_the_compiled_code(capsys, tmp_path):
+    """Once a torch.compile'd function has run under a TorchDispatchMode it runs eager for the rest of the process,
+    so the profiler's host-value probe (a dispatch mode) made a compiled loop's profile that of the eager loop
+    (on an H200: no compiled region, 18,600 eager ops a step). Compiled, both loops' profiled steps must run their
+    compiled code: one compiled region a step, and none of the adapters' eager autograd nodes."""
+    import json
+
+    from benchmarks import fit_loop
+
+    args = ["--config", "experiments/tiny.yaml", "--steps", "1", "--warmup", "1", "--profile", "1", "--split", "off"]
+    result = fit_loop.main([*args, "--set", "model.compile={backend: aot_eager}", "--profile-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for loop in ("fit", "bare_alone"):
+        prof = result[loop]["profile"]
+        assert prof["compiled_regions"] >= 1, f"{loop}: the profiled step ran no compiled code"
+        assert prof["host_value_sites"] is None
+    assert "not probed: the loop is compiled" in out
+    names = {e.get("name") for e in json.loads((tmp_path / "fit.json").read_text())["traceEvents"]}
+    assert not any(n and n.startswith("GatedMixture") for n in names), "the adapters ran eager in fit's profile"
 
 
 def test_fit_loop_benchmark_runs_both_loops_on_a_named_llama_size(capsys):
