@@ -54,6 +54,11 @@ first the profiler's warm-up; see :mod:`benchmarks.profile_steps`), and prints b
 time per step, op and kernel counts, host syncs and where they come from, the attention backend, the dtypes
 at the first adapted layer, and the top ops; the timed figures above are of the timed steps only. Chrome
 traces go to ``--profile-dir`` (default: a new temporary folder, printed).
+
+``--py-profile N`` then runs N more whole iterations of ``fit`` (each from one step's start to the next's: the
+step, the hooks, logging and fetching the next batch) under ``cProfile`` and prints the Python functions by own
+time and, of this repository's and Lightning's, by cumulative time, per step; ``fit.pstats`` goes to
+``--profile-dir``. cProfile's hooks slow Python down, so read the shares, not the milliseconds.
 """
 
 from __future__ import annotations
@@ -72,7 +77,15 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from benchmarks.profile_steps import DtypeProbe, FitProfiler, StepProfiler, first_peft_layer, report
+from benchmarks.profile_steps import (
+    DtypeProbe,
+    FitProfiler,
+    PyProfiler,
+    StepProfiler,
+    first_peft_layer,
+    report,
+    report_python,
+)
 from benchmarks.shapes import SIZES, llama_config
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
@@ -255,9 +268,15 @@ class BareLoop:
         """What the loop keeps between steps on its device: the model's tensors and AdamW's state.
 
         Tensors are matched by device type: ``torch.device("cuda")`` is not equal to a tensor's ``cuda:0``."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [v for state in self.opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == self.device.type)
+        # counted again only when AdamW's state gains entries (its first step): the walk over every tensor took
+        # ~6 ms of host time at 135M on an H200, in each of fit's steps (StepTimer), between two timed windows
+        key = len(self.opt.state)
+        if getattr(self, "_resident", (None,))[0] != key:
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+            tensors += [v for state in self.opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+            here = [t for t in tensors if t.device.type == self.device.type]
+            self._resident = key, sum(t.numel() * t.element_size() for t in here)
+        return self._resident[1]
 
     @property
     def base_params(self) -> int:
@@ -454,7 +473,9 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     ``pair``, a :class:`BareLoop` runs a step on each of the timed batches right after fit's (:class:`PairedBare`),
     returned as the fourth value; fit's peak memory leaves out what the bare loop holds."""
     timed_steps = args.warmup + args.steps
-    after = profiler.runs if profiler else 1  # steps after the timed ones: at least one, whose start ends the last
+    profiled = profiler.runs if profiler else 0
+    # steps after the timed ones: the profiled ones, the Python-profiled ones, and one whose start ends the last
+    after = profiled + args.py_profile + 1
     total = timed_steps + after
     off = (
         [f"--{c}.enabled=false" for c in ("seesaw", "grad_conflict", "gate_usage")] if args.diagnostics == "off" else []
@@ -477,6 +498,9 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     probe = FitProfiler(profiler, start_at=timed_steps) if profiler else None
     if probe:  # after the timer: a profiled step holds the timer's synchronisations, as a timed one
         cli.trainer.callbacks.append(probe)
+    python = PyProfiler(start_at=timed_steps + profiled, steps=args.py_profile) if args.py_profile else None
+    if python:
+        cli.trainer.callbacks.append(python)
     cli.trainer.fit(cli.model, cli.datamodule)
     n = timed_steps
     peak = max(timer.peaks[:n]) if cuda else None  # the timed steps' (and their warm-up's), not the profiled ones
@@ -484,6 +508,8 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     fit |= iterations(timer.starts, paired.times if paired else None, args.warmup, n)
     if profiler:
         fit["profile"] = profiler.summarise() | {"dtypes": probe.dtypes}
+    if python:
+        fit["python"] = python.stats
     fit["probes"] = conflict_probes(cli.trainer.callbacks, args.warmup, n)
     host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=after)
     return (cli, fit, host, paired) if pair else (cli, fit, host)
@@ -634,7 +660,17 @@ def parse_args(
         metavar="N",
         help="after the timed steps, N more of each loop under torch.profiler (not timed); 0: off",
     )
-    p.add_argument("--profile-dir", type=Path, help="where the Chrome traces go (default: a new temporary folder)")
+    p.add_argument(
+        "--py-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed (and --profile) steps, N more whole iterations of fit under cProfile (not timed): "
+        "the Python functions the host spends its time in, per step; 0: off",
+    )
+    p.add_argument(
+        "--profile-dir", type=Path, help="where the Chrome traces and fit.pstats go (default: a new temporary folder)"
+    )
     if bare:
         p.add_argument(
             "--bare-compile",
@@ -658,8 +694,8 @@ def parse_args(
             "skip it (compiled on a cold cache it compiles again; the fit / bare headline does not need it)",
         )
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.profile < 0:
-        p.error("--steps must be >= 1, --warmup >= 0 and --profile >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0 or args.py_profile < 0:
+        p.error("--steps must be >= 1, --warmup >= 0, --profile >= 0 and --py-profile >= 0")
     return args
 
 
@@ -695,8 +731,10 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [f"--{kv}" for kv in args.set]
     cuda = torch.cuda.is_available()
     profilers = dict.fromkeys(("fit", "bare"))
-    if args.profile:
+    folder = None
+    if args.profile or args.py_profile:
         folder = args.profile_dir or Path(tempfile.mkdtemp(prefix="fit-loop-profile-"))
+    if args.profile:
         profilers = {n: StepProfiler(n, args.profile, cuda, folder) for n in profilers}
     with tempfile.TemporaryDirectory() as tmp:
         overrides += size_overrides(args, Path(tmp))
@@ -800,6 +838,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
+    if args.py_profile:
+        fit["python_stats"] = str(report_python(fit["python"], args.py_profile, folder / "fit.pstats"))
+        del fit["python"]
     return {
         "fit": fit,
         "bare": bare,

@@ -23,6 +23,8 @@ adapted layer: its base weight, its adapter weights, the hidden states entering 
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
 import traceback
 import warnings
@@ -290,6 +292,68 @@ class FitProfiler(Callback):
             if self.probe is not None:
                 self.dtypes, self.probe = self.probe.remove(), None
             self.profiler.end_step()
+
+
+class PyProfiler(Callback):
+    """``cProfile`` over ``steps`` whole training iterations of ``fit`` from batch ``start_at`` on (counting from 0):
+    from that batch's start to the start of the batch ``steps`` later (or the end of training), so the hooks, the
+    logging and the fetching between two steps are in it. ``stats``: a ``pstats.Stats`` once it has run."""
+
+    def __init__(self, start_at: int, steps: int):
+        self.start_at, self.steps, self.batches = start_at, steps, 0
+        self.prof: cProfile.Profile | None = None
+        self.stats: pstats.Stats | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batches == self.start_at + self.steps:
+            self._stop()
+        if self.batches == self.start_at:
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+        self.batches += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.prof is not None:
+            self.prof.disable()
+            self.stats, self.prof = pstats.Stats(self.prof), None
+
+
+def _where(func: tuple) -> str:
+    """``file:line(name)`` of a pstats key, the file from its package folder (``lightning/pytorch/...``) on."""
+    file, line, name = func
+    parts = Path(file).parts
+    for root in ("site-packages", "dist-packages"):
+        if root in parts:
+            parts = parts[parts.index(root) + 1 :]
+            break
+    else:
+        parts = parts[-3:]
+    return f"{'/'.join(parts)}:{line}({name})"
+
+
+def report_python(stats: pstats.Stats, steps: int, path: Path, top: int = 25) -> Path:
+    """Print ``stats`` per step: the functions by own time, then this repository's and Lightning's by cumulative
+    time (where a step's Python goes, caller by caller); write them to ``path`` (``python -m pstats path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.dump_stats(str(path))
+    rows = stats.stats  # func -> (primitive calls, calls, own s, cumulative s, callers)
+    total = sum(r[2] for r in rows.values()) * 1e3 / steps
+    print(
+        f"fit under cProfile: {steps} whole iterations, {total:.1f} ms of Python-visible time a step (cProfile "
+        f"slows Python; read the shares). Stats: {path}"
+    )
+    print(f"  by own time, ms per step: {'':<66} {'own':>7} {'cum':>7} {'calls':>7}")
+    for func, (_, calls, own, cum, _) in sorted(rows.items(), key=lambda kv: -kv[1][2])[:top]:
+        print(f"  {_where(func)[:92]:<92} {own * 1e3 / steps:>7.2f} {cum * 1e3 / steps:>7.2f} {calls / steps:>7.0f}")
+    mine = ("cgc_lightning", "datamodules", "lightning/pytorch")
+    print("  this repository's and Lightning's functions by cumulative time, ms per step:")
+    ours = [kv for kv in rows.items() if any(m in kv[0][0] for m in mine)]
+    for func, (_, calls, own, cum, _) in sorted(ours, key=lambda kv: -kv[1][3])[:top]:
+        print(f"  {_where(func)[:92]:<92} {own * 1e3 / steps:>7.2f} {cum * 1e3 / steps:>7.2f} {calls / steps:>7.0f}")
+    return path
 
 
 def report(results: dict[str, dict], cuda: bool) -> None:

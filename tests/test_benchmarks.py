@@ -195,6 +195,26 @@ def test_fit_loop_profile_prints_both_loops_ops_and_host_reads_and_writes_their_
     assert not any("cgc_lightning/" in w for _, _, w in result["bare_alone"]["profile"]["host_value_sites"])
 
 
+def test_fit_loop_python_profile_covers_whole_iterations_after_the_timed_steps(capsys, tmp_path):
+    """--py-profile N: N whole iterations of fit under cProfile, after the timed ones: the module's training step
+    and Lightning's hooks once a step, the next batch's fetch in the window; the stats file loads with pstats."""
+    import pstats
+
+    from benchmarks import fit_loop
+
+    args = ["--config", "experiments/tiny.yaml", "--steps", "2", "--warmup", "1", "--split", "off", "--py-profile", "3"]
+    result = fit_loop.main([*args, "--profile-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fit under cProfile: 3 whole iterations" in out and "by own time, ms per step" in out
+    stats = pstats.Stats(result["fit"]["python_stats"]).stats
+    calls = {name: c for (file, _, name), (_, c, *_) in stats.items() if file.endswith("cgc_lightning/module.py")}
+    assert calls["training_step"] == 3, "one training step per profiled iteration, none of the timed ones"
+    fetches = [c for (file, _, name), (_, c, *_) in stats.items() if name == "__next__" and "dataloader" in file]
+    assert fetches and max(fetches) >= 3, "fetching the next batch is inside the window"
+    assert "cgc_lightning/module.py" in out and "training_step" in out
+    assert len(result["fit"]["step_s"]) == 2, "the profiled iterations are not timed"
+
+
 def test_fit_loop_profile_of_a_compiled_loop_profiles_the_compiled_code(capsys, tmp_path):
     """Once a torch.compile'd function has run under a TorchDispatchMode it runs eager for the rest of the process,
     so the profiler's host-value probe (a dispatch mode) made a compiled loop's profile that of the eager loop
