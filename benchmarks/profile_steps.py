@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+import sys
 import time
 import traceback
 import warnings
@@ -345,6 +346,11 @@ def report_python(stats: pstats.Stats, steps: int, path: Path, top: int = 25) ->
         f"fit under cProfile: {steps} whole iterations, {total:.1f} ms of Python-visible time a step (cProfile "
         f"slows Python; read the shares). Stats: {path}"
     )
+    if sys.version_info >= (3, 12):  # cProfile on sys.monitoring, whose events come from every thread
+        print(
+            "  Python >= 3.12: the other threads' calls are in it too (the DataLoader's pin-memory thread), and a "
+            "function's cumulative time can hold calls another thread made while it ran"
+        )
     print(f"  by own time, ms per step: {'':<66} {'own':>7} {'cum':>7} {'calls':>7}")
     for func, (_, calls, own, cum, _) in sorted(rows.items(), key=lambda kv: -kv[1][2])[:top]:
         print(f"  {_where(func)[:92]:<92} {own * 1e3 / steps:>7.2f} {cum * 1e3 / steps:>7.2f} {calls / steps:>7.0f}")
