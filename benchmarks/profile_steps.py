@@ -351,14 +351,17 @@ def report_python(stats: pstats.Stats, steps: int, path: Path, top: int = 25) ->
             "  Python >= 3.12: the other threads' calls are in it too (the DataLoader's pin-memory thread), and a "
             "function's cumulative time can hold calls another thread made while it ran"
         )
+
+    def table(items, column: int) -> None:  # column 2: own time, 3: cumulative
+        for func, (_, calls, own, cum, _) in sorted(items, key=lambda kv: -kv[1][column])[:top]:
+            ms = f"{own * 1e3 / steps:>7.2f} {cum * 1e3 / steps:>7.2f}"
+            print(f"  {_where(func)[:92]:<92} {ms} {calls / steps:>7.0f}")
+
     print(f"  by own time, ms per step: {'':<66} {'own':>7} {'cum':>7} {'calls':>7}")
-    for func, (_, calls, own, cum, _) in sorted(rows.items(), key=lambda kv: -kv[1][2])[:top]:
-        print(f"  {_where(func)[:92]:<92} {own * 1e3 / steps:>7.2f} {cum * 1e3 / steps:>7.2f} {calls / steps:>7.0f}")
+    table(rows.items(), 2)
     mine = ("cgc_lightning", "datamodules", "lightning/pytorch")
     print("  this repository's and Lightning's functions by cumulative time, ms per step:")
-    ours = [kv for kv in rows.items() if any(m in kv[0][0] for m in mine)]
-    for func, (_, calls, own, cum, _) in sorted(ours, key=lambda kv: -kv[1][3])[:top]:
-        print(f"  {_where(func)[:92]:<92} {own * 1e3 / steps:>7.2f} {cum * 1e3 / steps:>7.2f} {calls / steps:>7.0f}")
+    table([kv for kv in rows.items() if any(m in kv[0][0] for m in mine)], 3)
     return path
 
 
