@@ -99,13 +99,36 @@ class AdaptedLayer(nn.Module):
         # the batch's routing constants, shared by every layer; a compiled graph builds its own (and is not
         # guarded on a table that is new with every batch)
         cache = None if torch.compiler.is_compiling() else self.routing.batch_cache
+        bank = self._bank_weights(task_ids, dtype, cache)
+        kw = {"cache": cache} if bank is None else {"cache": cache, "weights": bank}
         if out.dtype != dtype:
-            delta = self.adapter(x3, task_ids, cluster_ids, cache=cache)  # (B, T, d_out)
+            delta = self.adapter(x3, task_ids, cluster_ids, **kw)  # (B, T, d_out)
             return out + delta.reshape(out.shape).to(out.dtype)
         # the usual case: the adapter adds its update inside its last product, no separate pass over `out`
         out3 = out.reshape(x3.shape[0], x3.shape[1], -1) if flat else out  # (B, T, d_out)
-        h = self.adapter(x3, task_ids, cluster_ids, out=out3, cache=cache)
+        h = self.adapter(x3, task_ids, cluster_ids, out=out3, **kw)
         return h.reshape(out.shape) if flat else h
+
+    def _bank_weights(self, task_ids: torch.Tensor | None, dtype: torch.dtype, cache) -> torch.Tensor | None:
+        """This layer's gate weights from the model's gate bank, or ``None`` where the layer computes its own.
+
+        The bank serves eager forwards of a routed batch (one id per sample), with or without grad; not compiled
+        graphs (no cache), inference mode (inference tensors cannot be kept for a later forward), packed rows or
+        ``generate()``'s expanded ids (not the routed ids tensor).
+        """
+        state = self.routing
+        bank = state.gate_bank
+        if (
+            bank is None
+            or cache is None
+            or task_ids is None
+            or task_ids is not state.task_ids
+            or task_ids.dim() != 1
+            or getattr(self.adapter, "_bank_slot", None) is None
+            or torch.is_inference_mode_enabled()
+        ):
+            return None
+        return bank.weights(self.adapter, task_ids, dtype, cache, recomputing=state.recomputing)
 
     def _weight_update(self, task: int) -> torch.Tensor:
         dW = self.adapter.delta_weight(task)  # (d_out, d_in)

@@ -30,6 +30,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from cgc_lightning.adapters.gate_bank import GateBank, gate_bank
+
 _STATE_ATTR = "_cgc_routing"
 _WRAPPED_ATTR = "_cgc_routing_wrapped"
 
@@ -58,12 +60,14 @@ class RoutingState:
         self._persistent: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.merged_task: int | None = None  # set by inject.merge_task: the weights then serve that task only
         self.checkpointed_modules: list[nn.Module] = []
+        self.gate_bank: GateBank | None = None  # every table-gated layer's weights in one go (attach_routing_state)
+        self.recomputing = False  # activation checkpointing is recomputing a forward (_replay_routing)
 
     def snapshot(self) -> tuple:
-        return self.task_ids, self.cluster_ids, self.disabled, self.flat_ids, self.batch_cache
+        return self.task_ids, self.cluster_ids, self.disabled, self.flat_ids, self.batch_cache, self.recomputing
 
     def restore(self, snap: tuple) -> None:
-        self.task_ids, self.cluster_ids, self.disabled, self.flat_ids, self.batch_cache = snap
+        self.task_ids, self.cluster_ids, self.disabled, self.flat_ids, self.batch_cache, self.recomputing = snap
 
     def clusters_of(self, tasks: torch.Tensor) -> torch.Tensor:
         """``(B,)`` cluster of each task id, on the ids' device.
@@ -125,9 +129,11 @@ def routing_state(model: nn.Module) -> RoutingState:
 
 
 def attach_routing_state(model: nn.Module, state: RoutingState) -> None:
-    """Make ``state`` the model's routing state and find the layers that may be checkpointed."""
+    """Make ``state`` the model's routing state, find the layers that may be checkpointed and bank the gates."""
     object.__setattr__(model, _STATE_ATTR, state)
     state.checkpointed_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    bank = gate_bank(model)
+    state.gate_bank = bank if len(bank) else None
 
 
 def _replay_routing(checkpoint_fn, state: RoutingState):
@@ -140,10 +146,14 @@ def _replay_routing(checkpoint_fn, state: RoutingState):
             # (graph inputs); swapping the state there would be a side effect that breaks the graph
             return checkpoint_fn(function, *args, **kwargs)
         snap = state.snapshot()
+        calls = 0
 
         def with_routing(*a, **kw):
+            nonlocal calls
             saved = state.snapshot()
             state.restore(snap)
+            state.recomputing = calls > 0  # the first call is the forward, later ones recompute it
+            calls += 1
             try:
                 return function(*a, **kw)
             finally:

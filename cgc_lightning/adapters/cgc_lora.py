@@ -155,6 +155,9 @@ class CGCLoRA(Adapter):
         )
         return G, spread
 
+    def table_gate(self):
+        return self.task_gate if self.gate_input == "task" else None
+
     def task_route(self, task):
         if not self.mergeable:
             raise ValueError(

@@ -35,7 +35,9 @@ the softmaxed table with a 0/1 matrix that depends only on the batch's task ids
 (:func:`task_spread`), built once per batch and shared by every layer, and the gate's backward is
 that product transposed and the softmax's backward. Per layer this leaves five kernels forward and
 nine backward, and no autograd node besides the mixture's own. Under autocast the gate stays in its own
-dtype (float32 gate logits with bf16 products): one cast of the small weights, none of the table.
+dtype (float32 gate logits with bf16 products): one cast of the small weights, none of the table. In an
+eager forward of a routed batch the model's gate bank (:mod:`~cgc_lightning.adapters.gate_bank`) does that
+gate work once for every layer, and each layer runs :class:`DenseMixture` with its weights.
 
 Everything here imports only torch.
 """
@@ -421,6 +423,14 @@ class Adapter(nn.Module):
         """
         return None
 
+    def table_gate(self) -> nn.Module | None:
+        """The module holding this adapter's gate when :meth:`route_table` serves it, else ``None``.
+
+        Adapters with such a gate join the model's gate bank (:mod:`~cgc_lightning.adapters.gate_bank`), which
+        computes every layer's weights in one go; adapters sharing one gate module share one set of weights.
+        """
+        return None
+
     def task_route(self, task: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return ``(index (K,) | None, weight (K,) | None)``: the experts task ``task`` uses and their weights."""
         raise NotImplementedError(f"{type(self).__name__} has no constant per-task update")
@@ -438,6 +448,7 @@ class Adapter(nn.Module):
         out: torch.Tensor | None = None,
         *,
         cache: BatchCache | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The update for a batch, or the frozen layer's output plus the update.
 
@@ -448,10 +459,15 @@ class Adapter(nn.Module):
             out: ``(B, T, d_out)``, the frozen layer's output, or ``None``. Given, it is added inside
                 the last product instead of by a separate pass over the output.
             cache: the model's per-batch constants of the ids (:func:`per_batch`), or ``None``.
+            weights: ``(B, 1, E)``, this batch's gate weights from the model's gate bank (an adapter with a
+                :meth:`table_gate`), or ``None`` to compute them here.
 
         Returns:
             ``(B, T, d_out)``: the update, or ``out`` plus the update.
         """
+        if weights is not None:
+            A, B = self.experts.lora_A, self.experts.lora_B
+            return apply_mixture(DenseMixture, self.dropout(x), A, B, weights, None, out, self.scaling)
         if self.experts.dense:
             table = self.route_table(x, task_ids, cluster_ids, cache)
             if table is not None:

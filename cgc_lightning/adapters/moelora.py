@@ -112,6 +112,9 @@ class MoELoRA(Adapter):
 
         return logits, per_batch(cache, task_ids, ("moelora", n, E, logits.dtype, logits.device), build)
 
+    def table_gate(self):
+        return self.gate
+
     def task_route(self, task):
         ids = torch.tensor([task], device=self.experts.lora_A.device)
         return None, self.gate(ids)[0]  # (E,)
