@@ -43,6 +43,17 @@ ADAPTER_PREFIXES = ("lora_", "gate_", "router_")
 SHARED_GATE_NAME = "adapter_gate"
 
 
+def _global_module_hooks() -> bool:
+    """Whether any hook is registered for every module (``torch.nn.modules.module.register_module_*_hook``)."""
+    m = torch.nn.modules.module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
+
+
 class AdaptedLayer(nn.Module):
     """A frozen layer plus an adapter: ``h = base_layer(x) + adapter(x, routed ids)``.
 
@@ -71,9 +82,8 @@ class AdaptedLayer(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.merged_task is not None or self.routing.disabled:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         task_ids, cluster_ids = self.routing.ids_for(x.shape[0])
         if task_ids is None and self.adapter.needs_task_ids:
             raise RuntimeError(
@@ -86,6 +96,10 @@ class AdaptedLayer(nn.Module):
         # taking the update as a separate pass: fewer operations for the host to issue, the same products.
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.adapter.dtype
+        # a plain frozen nn.Linear runs inside the adapter's node (LinearMixture) where its output would have the
+        # products' dtype: no module call and no autograd node of its own in an eager step
+        base = None if args or kwargs or not (autocast or x.dtype == dtype) else self._fusable_base()
+        out = None if base is not None else self.base_layer(x, *args, **kwargs)
         flat = x.dim() != 3  # reshape only when needed: each view is one more node for autograd to walk
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if flat else x  # (B, T, d_in)
         x3 = x3 if autocast else x3.to(dtype)
@@ -101,6 +115,9 @@ class AdaptedLayer(nn.Module):
         cache = None if torch.compiler.is_compiling() else self.routing.batch_cache
         bank = self._bank_weights(task_ids, dtype, cache)
         kw = {"cache": cache} if bank is None else {"cache": cache, "weights": bank}
+        if base is not None:
+            h = self.adapter(x3, task_ids, cluster_ids, base=base, **kw)
+            return h.reshape(*x.shape[:-1], h.shape[-1]) if flat else h
         if out.dtype != dtype:
             delta = self.adapter(x3, task_ids, cluster_ids, **kw)  # (B, T, d_out)
             return out + delta.reshape(out.shape).to(out.dtype)
@@ -108,6 +125,29 @@ class AdaptedLayer(nn.Module):
         out3 = out.reshape(x3.shape[0], x3.shape[1], -1) if flat else out  # (B, T, d_out)
         h = self.adapter(x3, task_ids, cluster_ids, out=out3, **kw)
         return h.reshape(out.shape) if flat else h
+
+    def _fusable_base(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(W, bias)`` when the frozen layer can run inside the adapter's node, else ``None``.
+
+        It can when it is a plain ``nn.Linear`` (not a subclass: quantised layers, ``Conv1D``) with no gradient and
+        no hooks, the adapter is one whose forward takes ``base`` (not MoDULA's own), and no graph is being
+        compiled (the compiled step keeps the layer's own call: what Inductor fuses there is already one graph).
+        """
+        layer = self.base_layer
+        if (
+            torch.compiler.is_compiling()
+            or type(layer) is not nn.Linear
+            or type(self.adapter).forward is not Adapter.forward
+            or layer.weight.requires_grad
+            or (layer.bias is not None and layer.bias.requires_grad)
+            or layer._forward_hooks
+            or layer._forward_pre_hooks
+            or layer._backward_hooks
+            or layer._backward_pre_hooks
+            or _global_module_hooks()
+        ):
+            return None
+        return layer.weight, layer.bias
 
     def _bank_weights(self, task_ids: torch.Tensor | None, dtype: torch.dtype, cache) -> torch.Tensor | None:
         """This layer's gate weights from the model's gate bank, or ``None`` where the layer computes its own.

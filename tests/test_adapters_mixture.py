@@ -96,3 +96,40 @@ def test_under_autocast_the_gate_runs_in_its_own_dtype_and_only_its_weights_are_
     GatedMixture.apply(ref[0], ref[1], ref[2], ref[3], spread64, ref[4], 0.7).square().sum().backward()
     for name, got, want in zip(["x", "A", "B", "logits", "out"], (x, A, B, logits, out), ref, strict=True):
         assert (got.grad.double() - want.grad).norm() <= 3e-2 * want.grad.norm(), name
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("adapter_input", ["same", "own"])  # x_a = x (None), or a separate input (dropout's)
+@pytest.mark.parametrize("weights", ["none", "per_token", "per_sample", "table"])
+def test_linear_mixture_passes_gradcheck_and_equals_the_frozen_layer_plus_dense_mixture(weights, adapter_input, bias):
+    """The frozen linear layer inside the node: output and gradients of x, x_a, A, B and the weights against
+    finite differences, and the output against ``F.linear`` + :class:`DenseMixture`."""
+    from cgc_lightning.adapters.experts import LinearMixture
+
+    x, A, B, w, _ = inputs(weights, with_out=False)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(D_OUT, D_IN, generator=g, **F64)
+    b = torch.randn(D_OUT, generator=g, **F64) if bias else None
+    x_a = torch.randn(N, T, D_IN, generator=g, **F64) if adapter_input == "own" else None
+    rows = ROWS if weights == "table" else None
+    for t in (x, x_a, A, B, w):
+        if t is not None:
+            t.requires_grad_()
+
+    def fn(x, x_a, A, B, w):
+        return LinearMixture.apply(x, x_a, W, b, A, B, w, rows, 0.7)
+
+    assert torch.autograd.gradcheck(fn, (x, x_a, A, B, w), eps=1e-6, atol=1e-7, rtol=1e-6)
+    out = torch.nn.functional.linear(x, W, b)
+    want = DenseMixture.apply(x if x_a is None else x_a, A, B, w, rows, out, 0.7)
+    torch.testing.assert_close(fn(x, x_a, A, B, w), want, rtol=1e-13, atol=1e-13)
+
+
+def test_linear_mixture_refuses_a_frozen_layer_that_needs_a_gradient():
+    from cgc_lightning.adapters.experts import LinearMixture
+
+    x, A, B, _, _ = inputs("none", with_out=False)
+    W = torch.randn(D_OUT, D_IN, **F64, requires_grad=True)
+    y = LinearMixture.apply(x.requires_grad_(), None, W, None, A, B, None, None, 0.7)
+    with pytest.raises(RuntimeError, match="needs no gradient"):
+        y.sum().backward()

@@ -142,8 +142,10 @@ def test_bf16_autocast_float32_gates_give_the_same_weights_in_one_go():
         out.append((logits.detach(), grads(model)))
     (logits_b, g_b), (logits_l, g_l) = out
     assert torch.equal(logits_b, logits_l)
-    for n in g_l:  # the gate's backward sums in float64 in the bank, in float32 per layer
-        assert_close(g_b[n], g_l[n], rtol=1e-5, atol=1e-6)
+    # gradients to bf16's precision: a banked layer sums its input's gradient (frozen layer's and adapter's share)
+    # inside one bf16 product (LinearMixture), a per-layer gate's autograd adds two bf16 products
+    for n in g_l:
+        assert_close(g_b[n], g_l[n], rtol=1.6e-2, atol=1e-5)
 
 
 def test_generate_with_beams_and_inference_mode_use_the_per_layer_gate(gated_calls):

@@ -39,6 +39,11 @@ dtype (float32 gate logits with bf16 products): one cast of the small weights, n
 eager forward of a routed batch the model's gate bank (:mod:`~cgc_lightning.adapters.gate_bank`) does that
 gate work once for every layer, and each layer runs :class:`DenseMixture` with its weights.
 
+In an eager step the frozen layer itself, a plain ``nn.Linear``, runs inside the same node
+(:class:`LinearMixture`, called by ``inject.AdaptedLayer``): ``x W^T`` is the node's first product, and the
+input's gradient ``g W + g_z A`` one ``addmm``, so the frozen layer costs no module call and no autograd node of
+its own, and autograd adds no two gradients of ``x``.
+
 Everything here imports only torch.
 """
 
@@ -47,6 +52,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Largest total rank ``E r`` computed densely (all experts, unseen ones at weight 0); see the module docstring.
@@ -176,10 +182,13 @@ def mixture_forward(x, A, B, w, out, scaling: float):
     return y.view(n, T, d_out), z, u
 
 
-def mixture_backward(grad, x, A, B, z, u, w, scaling: float, needs: tuple[bool, bool, bool, bool], per_token: bool):
-    """The backward of :func:`mixture_forward` from ``grad (B, T, d_out)``, shared by both mixture nodes.
+def mixture_backward(
+    grad, x, A, B, z, u, w, scaling: float, needs: tuple[bool, bool, bool, bool], per_token: bool, g_x_into=None
+):
+    """The backward of :func:`mixture_forward` from ``grad (B, T, d_out)``, shared by the mixture nodes.
 
-    ``needs``: whether ``x``, ``A``, ``B`` and ``w`` need a gradient; ``per_token``: ``w`` is ``(B, T, E, 1)``.
+    ``needs``: whether ``x``, ``A``, ``B`` and ``w`` need a gradient; ``per_token``: ``w`` is ``(B, T, E, 1)``;
+    ``g_x_into``: ``(B*T, d_in)`` another gradient of ``x`` that ``g_x`` is added to inside its product, or ``None``.
     Returns ``(g_x, g_A, g_B, g_w)``, ``None`` where not needed, ``g_w (B, T|1, E)`` shaped as ``w`` is.
     """
     n, T, d_in = x.shape
@@ -201,8 +210,24 @@ def mixture_backward(grad, x, A, B, z, u, w, scaling: float, needs: tuple[bool, 
         if need_A:
             g_A = torch.mm(g_z.t(), x.reshape(n * T, d_in)).view(E, r, d_in)
         if need_x:
-            g_x = torch.mm(g_z, A.view(E * r, d_in)).view(n, T, d_in)
+            A2 = A.view(E * r, d_in)
+            g_x = torch.mm(g_z, A2) if g_x_into is None else torch.addmm(g_x_into, g_z, A2)
+            g_x = g_x.view(n, T, d_in)
     return g_x, g_A, g_B, g_w
+
+
+def _rows_weights(w, rows):
+    """``(B, T|1, E, 1)`` per-sample weights from ``w (B, T|1, E)``, or from a table ``w (n, E)`` and ``rows (B,)``."""
+    if w is None:
+        return None
+    return (w.index_select(0, rows).unsqueeze(1) if rows is not None else w).unsqueeze(-1)
+
+
+def _table_grad(g_w, rows, table_rows: int):
+    """The gradient of a table ``(table_rows, E)`` from its rows' ``g_w (B, 1, E)``: a one-hot product, deterministic
+    unlike ``index_add``."""
+    one_hot = rows[:, None] == torch.arange(table_rows, device=rows.device)  # (B, n)
+    return torch.mm(one_hot.to(g_w.dtype).t(), g_w.view(rows.shape[0], -1))  # (n, E)
 
 
 class DenseMixture(torch.autograd.Function):
@@ -217,9 +242,7 @@ class DenseMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, w, rows, out, scaling: float):
-        ws = None
-        if w is not None:
-            ws = (w.index_select(0, rows).unsqueeze(1) if rows is not None else w).unsqueeze(-1)  # (B, T|1, E, 1)
+        ws = _rows_weights(w, rows)  # (B, T|1, E, 1) or None
         y, z, u = mixture_forward(x, A, B, ws, out, scaling)
         ctx.save_for_backward(x, A, B, z, u, ws, rows)
         ctx.scaling, ctx.table_rows = scaling, None if rows is None else w.shape[0]
@@ -229,17 +252,78 @@ class DenseMixture(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, A, B, z, u, ws, rows = ctx.saved_tensors
-        n, T, _ = x.shape
-        E = B.shape[0]
+        T = x.shape[1]
         need_x, need_A, need_B, need_w, _, need_out, _ = ctx.needs_input_grad
         per_token = ws is not None and ws.shape[1] == T
         g_x, g_A, g_B, g_w = mixture_backward(
             grad, x, A, B, z, u, ws, ctx.scaling, (need_x, need_A, need_B, need_w), per_token
         )
-        if need_w and rows is not None:  # back to the table's rows; a one-hot product, deterministic unlike index_add
-            one_hot = rows[:, None] == torch.arange(ctx.table_rows, device=rows.device)  # (B, n)
-            g_w = torch.mm(one_hot.to(g_w.dtype).t(), g_w.view(n, E))  # (n, E)
+        if need_w and rows is not None:  # back to the table's rows
+            g_w = _table_grad(g_w, rows, ctx.table_rows)
         return g_x, g_A, g_B, g_w, None, grad if need_out else None, None
+
+
+class LinearMixture(torch.autograd.Function):
+    """:class:`DenseMixture` with the frozen linear layer inside: ``x W^T (+ b) + s ((x_a A^T) * w) B``, one node.
+
+    Shapes: ``x (B, T, d_in)`` the layer's input; ``x_a`` the adapter's (the dropout of ``x``), or ``None`` when it
+    is ``x`` itself; ``W (d_out, d_in)`` and ``bias (d_out,)`` or ``None``, frozen (no gradient); ``A``, ``B``,
+    ``w``, ``rows`` and ``scaling`` as for :class:`DenseMixture`. Against the frozen layer called on its own, an
+    eager step spends no module call and no autograd node on it, and with ``x_a = None`` the input's gradient is
+    ``g W`` and ``g_z A`` in one ``addmm`` where autograd would take two products and add them.
+    Kept for backward: what :class:`DenseMixture` keeps, with ``W`` (a parameter, no copy) for the input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_a, W, bias, A, B, w, rows, scaling: float):
+        n, T, d_in = x.shape
+        x2 = x.reshape(n * T, d_in)
+        out = torch.mm(x2, W.t()) if bias is None else torch.addmm(bias, x2, W.t())  # (B*T, d_out)
+        x_a = x if x_a is None else x_a
+        ws = _rows_weights(w, rows)
+        y, z, u = mixture_forward(x_a, A, B, ws, out.view(n, T, -1), scaling)
+        ctx.save_for_backward(x_a, W, A, B, z, u, ws, rows)
+        ctx.scaling, ctx.table_rows, ctx.shared = scaling, None if rows is None else w.shape[0], x_a is x
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x_a, W, A, B, z, u, ws, rows = ctx.saved_tensors
+        need_x, need_xa, need_W, need_bias, need_A, need_B, need_w, _, _ = ctx.needs_input_grad
+        if need_W or need_bias:
+            raise RuntimeError("LinearMixture's frozen layer needs no gradient; its weight requires one")
+        n, T, _ = x_a.shape
+        g_x = torch.mm(grad.reshape(n * T, -1), W) if need_x else None  # (B*T, d_in), the frozen layer's share
+        per_token = ws is not None and ws.shape[1] == T
+        if ctx.shared:  # x_a is x: the adapter's share goes into the same product
+            g_x, g_A, g_B, g_w = mixture_backward(
+                grad, x_a, A, B, z, u, ws, ctx.scaling, (need_x, need_A, need_B, need_w), per_token, g_x_into=g_x
+            )
+            g_xa = None
+        else:
+            g_xa, g_A, g_B, g_w = mixture_backward(
+                grad, x_a, A, B, z, u, ws, ctx.scaling, (need_xa, need_A, need_B, need_w), per_token
+            )
+            g_x = None if g_x is None else g_x.view(n, T, -1)
+        if need_w and rows is not None:
+            g_w = _table_grad(g_w, rows, ctx.table_rows)
+        return g_x, g_xa, None, None, g_A, g_B, g_w, None, None
+
+
+def apply_linear_mixture(x, x_a, W, bias, A, B, w, rows, scaling: float) -> torch.Tensor:
+    """``LinearMixture.apply`` with :func:`apply_mixture`'s handling of autocast: every floating input cast to the
+    autocast dtype (the frozen weight too, as ``F.linear`` under autocast casts it) and the node run outside it."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return LinearMixture.apply(x, x_a, W, bias, A, B, w, rows, scaling)
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    with torch.autocast(device, enabled=False):
+        return LinearMixture.apply(cast(x), cast(x_a), cast(W), cast(bias), cast(A), cast(B), cast(w), rows, scaling)
 
 
 class GatedMixture(torch.autograd.Function):
@@ -449,6 +533,7 @@ class Adapter(nn.Module):
         *,
         cache: BatchCache | None = None,
         weights: torch.Tensor | None = None,
+        base: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """The update for a batch, or the frozen layer's output plus the update.
 
@@ -461,22 +546,28 @@ class Adapter(nn.Module):
             cache: the model's per-batch constants of the ids (:func:`per_batch`), or ``None``.
             weights: ``(B, 1, E)``, this batch's gate weights from the model's gate bank (an adapter with a
                 :meth:`table_gate`), or ``None`` to compute them here.
+            base: ``(W, bias)`` of the frozen linear layer, in place of ``out``: its output is computed here,
+                inside the mixture's node where the experts are dense (:class:`LinearMixture`).
 
         Returns:
-            ``(B, T, d_out)``: the update, or ``out`` plus the update.
+            ``(B, T, d_out)``: the update, or ``out`` (or the frozen layer's output) plus the update.
         """
-        if weights is not None:
-            A, B = self.experts.lora_A, self.experts.lora_B
-            return apply_mixture(DenseMixture, self.dropout(x), A, B, weights, None, out, self.scaling)
-        if self.experts.dense:
+        A, B = self.experts.lora_A, self.experts.lora_B
+        x_a = self.dropout(x)
+        rows = None
+        if weights is None and self.experts.dense:
             table = self.route_table(x, task_ids, cluster_ids, cache)
             if table is not None:
-                A, B = self.experts.lora_A, self.experts.lora_B
-                return apply_mixture(GatedMixture, self.dropout(x), A, B, *table, out, self.scaling, cast_weights=False)
-            weight, rows = self.route_dense(x, task_ids, cluster_ids, cache)
-            return self.experts(self.dropout(x), None, weight, rows=rows, scaling=self.scaling, out=out)
-        index, weight = self.route(x, task_ids, cluster_ids)
-        return self.experts(self.dropout(x), index, weight, scaling=self.scaling, out=out)
+                out = out if base is None else F.linear(x, *base)
+                return apply_mixture(GatedMixture, x_a, A, B, *table, out, self.scaling, cast_weights=False)
+            weights, rows = self.route_dense(x, task_ids, cluster_ids, cache)
+        elif weights is None:
+            index, weight = self.route(x, task_ids, cluster_ids)
+            out = out if base is None else F.linear(x, *base)
+            return self.experts(x_a, index, weight, scaling=self.scaling, out=out)
+        if base is not None:
+            return apply_linear_mixture(x, None if x_a is x else x_a, *base, A, B, weights, rows, self.scaling)
+        return apply_mixture(DenseMixture, x_a, A, B, weights, rows, out, self.scaling)
 
     def task_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``task``'s update as one LoRA pair, gate weights and scaling folded into ``B'``.

@@ -8,7 +8,8 @@ step at small batches. The bank does it once for every layer::
 
     G: (L, n, k) every gate's logits ──softmax──▶ P ──(B E, n k) spread @ P^T──▶ W: (B E, L) ──▶ L x (B, 1, E)
 
-and each layer runs :class:`DenseMixture` with its own ``(B, 1, E)`` slice. Autograd gathers the L
+and each layer runs :class:`DenseMixture` (or :class:`LinearMixture`, with the frozen layer inside) with its own
+``(B, 1, E)`` slice. Autograd gathers the L
 slices' gradients in one node and takes them back through one product and one softmax backward. The
 spread product runs in float64 (float32 on MPS): each output has exactly one nonzero term, so the weights
 are the softmax's values exactly, whatever TF32 setting the float32 matrix products run under.
