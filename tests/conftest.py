@@ -98,6 +98,14 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.2) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
 
 
+def count_applies(monkeypatch, node) -> list:
+    """A list that gains an entry each time ``node.apply`` (an autograd function of the adapters) runs."""
+    calls = []
+    real = node.apply
+    monkeypatch.setattr(node, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.fixture
 def layout():
     return LAYOUT

@@ -10,7 +10,7 @@ from cgc_lightning.adapters import experts
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.inject import adapted_layers, adapter_parameters, inject_adapters
 from cgc_lightning.routing import route, routing_state
-from tests.conftest import LAYOUT, VOCAB, randomize_adapters, tiny_model
+from tests.conftest import LAYOUT, VOCAB, count_applies, randomize_adapters, tiny_model
 
 #: (method, config) pairs whose gates the bank serves: a gate per layer, and one gate for the model
 BANKED = [
@@ -41,10 +41,7 @@ def grads(model):
 @pytest.fixture
 def gated_calls(monkeypatch):
     """How many times a layer ran the per-layer gate (GatedMixture)."""
-    calls = []
-    real = experts.GatedMixture.apply
-    monkeypatch.setattr(experts.GatedMixture, "apply", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return count_applies(monkeypatch, experts.GatedMixture)
 
 
 @pytest.mark.parametrize(("method", "kw"), BANKED)

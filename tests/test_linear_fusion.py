@@ -10,7 +10,7 @@ from cgc_lightning.adapters import experts
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.inject import AdaptedLayer, adapted_layers, adapter_parameters, inject_adapters
 from cgc_lightning.routing import route
-from tests.conftest import LAYOUT, VOCAB, randomize_adapters, tiny_model
+from tests.conftest import LAYOUT, VOCAB, count_applies, randomize_adapters, tiny_model
 
 pytestmark = pytest.mark.usefixtures("expert_path")  # both expert kernels: fused where dense, F.linear first otherwise
 
@@ -37,10 +37,8 @@ def batch(seed, n=4, length=6):
 
 @pytest.fixture
 def linear_calls(monkeypatch):
-    calls = []
-    real = experts.LinearMixture.apply
-    monkeypatch.setattr(experts.LinearMixture, "apply", lambda *a: calls.append(1) or real(*a))
-    return calls
+    """How many times a layer ran the fused node (LinearMixture)."""
+    return count_applies(monkeypatch, experts.LinearMixture)
 
 
 def step(model, tasks, x, seed=0):
