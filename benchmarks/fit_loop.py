@@ -31,7 +31,8 @@ the steps; for ``fit`` less what the paired bare loop keeps on the device, its m
 (compilation and first-use costs), outside the medians. For ``fit``, where the host time goes: Lightning's
 ``SimpleProfiler`` times every hook on the host (asynchronous CUDA work is not waited for), grouped as data
 (fetching and moving the batch), forward + routing + per-task loss (``training_step``), backward, optimizer,
-callbacks and logging.
+callbacks (their per-step hooks listed one by one, the largest first: a callback that waits for the GPU shows up
+there) and logging.
 
 ``--size`` picks the model: ``config`` (the default) runs the one the config names; a size of
 ``benchmarks.shapes.SIZES`` (``tiny``, ``host``, ``135m``, ``1b``, ``3b``: Llama-3.2-1B and -3B for the last two)
@@ -66,6 +67,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import re
 import statistics
 import sys
 import tempfile
@@ -91,6 +93,8 @@ from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
 from datamodules.multitask import loader_options
 
+#: Callback hooks listed under the host time's ``callbacks`` line, the largest first.
+HOOK_LINES = 6
 PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                   "on_before_optimizer_step", "on_before_zero_grad")  # fmt: skip
 
@@ -407,15 +411,34 @@ def summarise(
     return out
 
 
-def host_time(profiler, steps: int, step_ms: float, after: int = 0) -> dict[str, float]:
-    """Host ms per timed step by where it goes, from the profiler's per-hook durations (of each per-step action,
-    the ``steps`` calls before the last ``after``, the profiled steps; ``optimizer`` is ``optimizer_step`` less
-    what runs inside its closure)."""
-    per_step = {
+def per_step_ms(profiler, steps: int, after: int = 0) -> dict[str, float]:
+    """Host ms per timed step of each per-step action the profiler recorded (the ``steps`` calls before the last
+    ``after``, the profiled steps)."""
+    return {
         a: sum(d[len(d) - after - steps : len(d) - after]) * 1e3 / steps
         for a, d in profiler.recorded_durations.items()
         if len(d) >= steps + after
     }
+
+
+def callback_hooks(per_step: dict[str, float]) -> dict[str, float]:
+    """The callbacks' per-step hooks (``[Callback]<name>.<hook>``: ms per step) in ``per_step``, largest first; not the
+    benchmark's own (``StepTimer``, ``PairedBare``)."""
+    hooks = {
+        a: ms
+        for a, ms in per_step.items()
+        if a.startswith("[Callback]")
+        and not any(c in a for c in ("StepTimer", "PairedBare"))
+        and a.endswith(PER_STEP_HOOKS)
+    }
+    return dict(sorted(hooks.items(), key=lambda kv: -kv[1]))
+
+
+def host_time(profiler, steps: int, step_ms: float, after: int = 0) -> dict[str, float]:
+    """Host ms per timed step by where it goes, from the profiler's per-hook durations (of each per-step action,
+    the ``steps`` calls before the last ``after``, the profiled steps; ``optimizer`` is ``optimizer_step`` less
+    what runs inside its closure)."""
+    per_step = per_step_ms(profiler, steps, after)
 
     def total(*keys: str, exclude: str = "") -> float:
         return sum(ms for a, ms in per_step.items() if any(k in a for k in keys) and not (exclude and exclude in a))
@@ -423,13 +446,7 @@ def host_time(profiler, steps: int, step_ms: float, after: int = 0) -> dict[str,
     data = total("train_dataloader_next", "batch_to_device", "transfer_batch_to_device", "batch_transfer")
     forward = total("Strategy.training_step")
     backward = total("Strategy.backward")
-    callbacks = sum(
-        ms
-        for a, ms in per_step.items()
-        if a.startswith("[Callback]")
-        and not any(c in a for c in ("StepTimer", "PairedBare"))
-        and a.endswith(PER_STEP_HOOKS)
-    )
+    callbacks = sum(callback_hooks(per_step).values())
     inside = forward + backward + total("on_before_backward", "on_after_backward", "on_before_optimizer_step")
     optimizer = max(total("Module.optimizer_step") - inside, 0.0) + total("optimizer_zero_grad")
     out = {
@@ -513,6 +530,7 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
         fit["python"] = python.stats
     fit["probes"] = conflict_probes(cli.trainer.callbacks, args.warmup, n)
     host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=after)
+    fit["callback_hooks"] = callback_hooks(per_step_ms(cli.trainer.profiler, args.steps, after=after))
     return (cli, fit, host, paired) if pair else (cli, fit, host)
 
 
@@ -837,6 +855,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("fit, host time per step by where it goes (SimpleProfiler, not synchronised):")
     for group, ms in host.items():
         print(f"  {group:<44} {ms:>8.1f} ms  {ms / fit['ms']:>5.0%} of the step")
+        if group.startswith("callbacks"):  # which hooks: a GPU wait inside one shows up here, not in the GPU time
+            for hook, hook_ms in list(fit["callback_hooks"].items())[:HOOK_LINES]:
+                name = re.sub(r"\{.*\}", "", hook.removeprefix("[Callback]"))  # ModelCheckpoint{...}: its state key
+                print(f"    {name:<64} {hook_ms:>6.2f} ms")
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
     if args.py_profile:

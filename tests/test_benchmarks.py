@@ -42,6 +42,12 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys, m
         assert line in err, line
     assert "took" not in out
     assert "fit loop vs bare PEFT loop" in out and "forward + routing + per-task loss" in out
+    # the callbacks' host time, hook by hook under its line: the run guard's and the checkpoints', not the benchmark's
+    hooks = result["fit"]["callback_hooks"]
+    assert "[Callback]RunGuard.on_before_optimizer_step" in hooks and not any("PairedBare" in h for h in hooks)
+    assert list(hooks.values()) == sorted(hooks.values(), reverse=True)
+    assert abs(sum(hooks.values()) - result["host"]["callbacks (diagnostics, checkpoints, guard)"]) < 1e-9
+    assert "    RunGuard.on_before_optimizer_step" in out
     assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
     assert (result["model"]["size"], result["model"]["hidden_size"]) == ("config", 32), "tiny.yaml's fixture model"
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
