@@ -154,17 +154,21 @@ def apply_mixture(fn, x, A, B, a, b, out, scaling: float, *, cast_weights: bool 
     an autograd function class, and broke the compiled graph at every adapted layer on it.
     """
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    cast = _autocast_cast(device)
+    if cast is None:
         return fn.apply(x, A, B, a, b, out, scaling)
-    dtype = torch.get_autocast_dtype(device)
-
-    def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
-
     if cast_weights:
         a, b = cast(a), cast(b)
     with torch.autocast(device, enabled=False):
         return fn.apply(cast(x), cast(A), cast(B), a, b, cast(out), scaling)
+
+
+def _autocast_cast(device: str):
+    """Under autocast on ``device``, a cast of floating tensors (``None`` passes) to its dtype; else ``None``."""
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t
 
 
 def mixture_forward(x, A, B, w, out, scaling: float):
@@ -315,13 +319,9 @@ def apply_linear_mixture(x, x_a, W, bias, A, B, w, rows, scaling: float) -> torc
     """``LinearMixture.apply`` with :func:`apply_mixture`'s handling of autocast: every floating input cast to the
     autocast dtype (the frozen weight too, as ``F.linear`` under autocast casts it) and the node run outside it."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    cast = _autocast_cast(device)
+    if cast is None:
         return LinearMixture.apply(x, x_a, W, bias, A, B, w, rows, scaling)
-    dtype = torch.get_autocast_dtype(device)
-
-    def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
-
     with torch.autocast(device, enabled=False):
         return LinearMixture.apply(cast(x), cast(x_a), cast(W), cast(bias), cast(A), cast(B), cast(w), rows, scaling)
 
