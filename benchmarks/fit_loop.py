@@ -411,14 +411,19 @@ def summarise(
     return out
 
 
-def per_step_ms(profiler, steps: int, after: int = 0) -> dict[str, float]:
-    """Host ms per timed step of each per-step action the profiler recorded (the ``steps`` calls before the last
-    ``after``, the profiled steps)."""
+def step_calls_ms(profiler, steps: int, after: int = 0) -> dict[str, list[float]]:
+    """Each per-step action's calls in the timed steps, in ms (the ``steps`` calls before the last ``after``, the
+    profiled steps)."""
     return {
-        a: sum(d[len(d) - after - steps : len(d) - after]) * 1e3 / steps
+        a: [x * 1e3 for x in d[len(d) - after - steps : len(d) - after]]
         for a, d in profiler.recorded_durations.items()
         if len(d) >= steps + after
     }
+
+
+def per_step_ms(profiler, steps: int, after: int = 0) -> dict[str, float]:
+    """Host ms per timed step of each per-step action the profiler recorded (see ``step_calls_ms``)."""
+    return {a: sum(calls) / steps for a, calls in step_calls_ms(profiler, steps, after).items()}
 
 
 def callback_hooks(per_step: dict[str, float]) -> dict[str, float]:
@@ -531,6 +536,11 @@ def run_fit(args, overrides: list[str], store: Path, cuda: bool, profiler: StepP
     fit["probes"] = conflict_probes(cli.trainer.callbacks, args.warmup, n)
     host = host_time(cli.trainer.profiler, args.steps, fit["ms"], after=after)
     fit["callback_hooks"] = callback_hooks(per_step_ms(cli.trainer.profiler, args.steps, after=after))
+    # a mean over the timed steps can be one call (a checkpoint save, a probe): each hook's median and largest call
+    calls = step_calls_ms(cli.trainer.profiler, args.steps, after=after)
+    fit["callback_hook_calls"] = {
+        h: {"median_ms": statistics.median(calls[h]), "max_ms": max(calls[h])} for h in fit["callback_hooks"]
+    }
     return (cli, fit, host, paired) if pair else (cli, fit, host)
 
 
@@ -858,7 +868,11 @@ def main(argv: list[str] | None = None) -> dict:
         if group.startswith("callbacks"):  # which hooks: a GPU wait inside one shows up here, not in the GPU time
             for hook, hook_ms in list(fit["callback_hooks"].items())[:HOOK_LINES]:
                 name = re.sub(r"\{.*\}", "", hook.removeprefix("[Callback]"))  # ModelCheckpoint{...}: its state key
-                print(f"    {name:<64} {hook_ms:>6.2f} ms")
+                one = fit["callback_hook_calls"][hook]
+                print(
+                    f"    {name:<56} {hook_ms:>6.2f} ms  (median call {one['median_ms']:.2f} ms, "
+                    f"largest {one['max_ms']:.1f} ms)"
+                )
     if args.profile:
         report({"fit": fit["profile"], "bare": alone["profile"]}, cuda)
     if args.py_profile:

@@ -48,6 +48,11 @@ def test_fit_loop_benchmark_runs_the_real_fit_against_a_bare_peft_loop(capsys, m
     assert list(hooks.values()) == sorted(hooks.values(), reverse=True)
     assert abs(sum(hooks.values()) - result["host"]["callbacks (diagnostics, checkpoints, guard)"]) < 1e-9
     assert "    RunGuard.on_before_optimizer_step" in out
+    # each hook's median and largest call beside its mean: a one-off save is told from a cost every step
+    calls = result["fit"]["callback_hook_calls"]
+    assert set(calls) == set(hooks) and all(c["median_ms"] <= c["max_ms"] for c in calls.values())
+    assert all(hooks[h] <= c["max_ms"] + 1e-9 for h, c in calls.items()), "a mean is at most the largest call"
+    assert "(median call " in out and "largest " in out
     assert result["bare"]["rank"] == 12, "cgc_lora r=4 with 2 shared + 1 specific experts: active rank 12"
     assert (result["model"]["size"], result["model"]["hidden_size"]) == ("config", 32), "tiny.yaml's fixture model"
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in (result["fit"], result["bare"]))
