@@ -22,7 +22,9 @@ init compared exactly and fused against loop logits and gradients to 1e-10. ``--
 torch.profiler tables per variant and, on CUDA, how long the GPU was busy in each step.
 
 Timing: every variant is warmed up, then all are timed in interleaved rounds (``--rounds`` rounds of
-``--steps`` steps each); a step time is the median over rounds. Peak memory is
+``--steps`` steps each); a step time is the median over rounds, ``time/peft`` the ratio of those medians and
+``paired`` the median over rounds of the ratio within a round (robust to the machine's pace drifting between
+rounds, as it does where the host sets the pace). Peak memory is
 ``torch.cuda.max_memory_allocated`` during the warm-up steps minus what was allocated before the
 variant was built, so it counts the variant's own model copy, adapters, gradients, optimizer state
 and activations.
@@ -436,6 +438,14 @@ def report(args, runs: dict[str, Run], lines: list[str], dtype: torch.dtype, n_p
         run = next((r for r in runs.values() if r.name == "peft_lora" and r.mode == mode and r.times), None)
         return (statistics.median(run.times), run.peak_bytes) if run else (None, None)
 
+    def paired(run: Run) -> float | None:
+        """Median over rounds of the run's time / PEFT's in the same round (its own mode): the rounds interleave
+        the variants, so each round's ratio sees one pace of the machine, which drifts on a host-bound step."""
+        ref = next((r for r in runs.values() if r.name == "peft_lora" and r.mode == run.mode and r.times), None)
+        if ref is None or len(ref.times) != len(run.times):
+            return None
+        return statistics.median(t / r for t, r in zip(run.times, ref.times, strict=True))
+
     t_eager = bar("eager")[0] if len(modes) > 1 else None
     w = max(14, *(len(label) + 2 for label in runs))
     out = [
@@ -446,7 +456,8 @@ def report(args, runs: dict[str, Run], lines: list[str], dtype: torch.dtype, n_p
         f"model FLOPs/step = tokens*(4*N_mm + 6*N_lora(r=24) + 12*L*d*T) = {flops / 1e12:.2f} TFLOP; "
         f"MFU vs {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'}",
         f"{'variant':<{w}}{'trainable':>12}{'ms/step':>10}{'spread':>8}{'tokens/s':>11}{'peak GiB':>10}"
-        f"{'time/peft':>11}{'mem/peft':>10}{'MFU':>8}" + (f"{'/eager peft':>13}{'1st step s':>12}" if t_eager else ""),
+        f"{'time/peft':>11}{'paired':>8}{'mem/peft':>10}{'MFU':>8}"
+        + (f"{'/eager peft':>13}{'1st step s':>12}" if t_eager else ""),
     ]
     rows = {}
     for label, run in runs.items():
@@ -457,11 +468,15 @@ def report(args, runs: dict[str, Run], lines: list[str], dtype: torch.dtype, n_p
         t = statistics.median(run.times)
         spread = (max(run.times) - min(run.times)) / t
         mem = run.peak_bytes / 2**30 if run.peak_bytes is not None else None
-        rows[label] = dict(ms=t * 1e3, tokens_per_s=tokens / t, peak_gib=mem, times=run.times, mode=run.mode)
+        ratio = paired(run)
+        rows[label] = dict(
+            ms=t * 1e3, tokens_per_s=tokens / t, peak_gib=mem, times=run.times, mode=run.mode, paired=ratio
+        )
         out.append(
             f"{label:<{w}}{run.n_trainable:>12,}{t * 1e3:>10.2f}{100 * spread:>7.1f}%{tokens / t:>11,.0f}"
             + (f"{mem:>10.2f}" if mem is not None else f"{'n/a':>10}")
             + (f"{t / t_bar:>11.3f}" if t_bar else f"{'':>11}")
+            + (f"{ratio:>8.3f}" if ratio is not None else f"{'':>8}")
             + (f"{run.peak_bytes / m_bar:>10.3f}" if m_bar and run.peak_bytes else f"{'n/a':>10}")
             + (f"{100 * flops / t / (peak * 1e12):>7.1f}%" if peak else f"{'n/a':>8}")
             + (f"{t / t_eager:>13.3f}{run.first_step_s:>12.1f}" if t_eager else "")

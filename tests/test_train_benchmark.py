@@ -9,9 +9,15 @@ from benchmarks import train_step
 
 
 def test_train_step_benchmark_checks_every_variant_against_the_base_and_the_loop():
-    argv = ["--size", "tiny", "--device", "cpu", "--seq", "16", "--steps", "1", "--rounds", "1", "--warmup", "1"]
+    argv = ["--size", "tiny", "--device", "cpu", "--seq", "16", "--steps", "1", "--rounds", "3", "--warmup", "1"]
     result = train_step.main(argv)
     assert set(result["rows"]) == set(train_step.VARIANTS)
+    # paired: the median over rounds of a variant's time over PEFT's in the same round (PEFT's own is 1)
+    rows = result["rows"]
+    assert rows["peft_lora"]["paired"] == 1.0
+    for row in rows.values():
+        ratios = sorted(t / r for t, r in zip(row["times"], rows["peft_lora"]["times"], strict=True))
+        assert row["paired"] == ratios[1], "the middle of the three rounds' ratios"
     checks = "\n".join(result["checks"])
     # float64: every variant's logits at init are the base model's, and fused MOELoRA is the loop, gradients too
     assert "logits at init == base for every variant (exact)" in checks
