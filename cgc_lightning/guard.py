@@ -91,16 +91,22 @@ def deferred_blockers(trainer: Trainer) -> list[str]:
 
 class _PendingFlag:
     """One optimizer step's non-finite flag with the loss and per-task sums for the message, on their way to the
-    host: copied without waiting into pinned memory on a GPU, read after the copy's event (by then long done)."""
+    host: copied without waiting into pinned memory on a GPU, read after the copy's event (by then long done).
 
-    def __init__(self, nonfinite: dict, step: int, epoch: int):
+    ``reuse``: the previous step's flag, already read: its pinned buffer and event serve again (one step's flag is
+    pending at a time), so a step allocates no pinned memory and creates no event.
+    """
+
+    def __init__(self, nonfinite: dict, step: int, epoch: int, reuse: _PendingFlag | None = None):
         values = torch.cat([nonfinite["flag"].float().reshape(1), nonfinite["loss"].float().reshape(1),
                             nonfinite["task_sum"].float().reshape(-1)])  # fmt: skip
+        self.values = values  # on the device; values[0] is the flag as fused AdamW's found_inf takes it
         self.step, self.epoch, self.task_ids = step, epoch, nonfinite["task_ids"]
         if values.is_cuda:
-            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            fits = reuse is not None and reuse.event is not None and reuse.host.shape == values.shape
+            self.host = reuse.host if fits else torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
-            self.event = torch.cuda.Event()
+            self.event = reuse.event if fits else torch.cuda.Event()
             self.event.record()
         else:
             self.host, self.event = values, None
@@ -140,6 +146,7 @@ class RunGuard(Callback):
         self.check_replicas = check_replicas
         self.finite_mode: str | None = None  # step, deferred or None (off), from check_finite at the start of fit
         self._pending: _PendingFlag | None = None
+        self._read: _PendingFlag | None = None  # the last flag read, whose buffer and event the next one reuses
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if hasattr(pl_module, "layout"):
@@ -165,8 +172,9 @@ class RunGuard(Callback):
                 raise NonFiniteLossError(self._message(trainer, pl_module, nonfinite))
             return
         self._raise_if_pending_was_nonfinite(trainer, pl_module)  # the last step's: finished on the device by now
-        optimizer.found_inf = nonfinite["flag"].float()  # fused AdamW skips the update where this is 1
-        self._pending = _PendingFlag(nonfinite, trainer.global_step + 1, trainer.current_epoch)
+        step, epoch = trainer.global_step + 1, trainer.current_epoch
+        self._pending = _PendingFlag(nonfinite, step, epoch, reuse=self._read)
+        optimizer.found_inf = self._pending.values[0]  # the flag as a float: fused AdamW skips the update where 1
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         for optimizer in trainer.optimizers:  # the flag is one step's; another use of the optimizer must not see it
@@ -180,6 +188,8 @@ class RunGuard(Callback):
         if pending is not None and pending.nonfinite():
             raise NonFiniteLossError(self._message(trainer, pl_module, pending.as_dict(), step=pending.step,
                                                    epoch=pending.epoch))  # fmt: skip
+        if pending is not None:  # read: its pinned buffer and event can carry the next step's flag
+            self._read = pending
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         # before the file is written: a checkpoint is never taken after a non-finite step
@@ -213,7 +223,7 @@ class RunGuard(Callback):
     # batch or validation. A second Ctrl-C stops at once, keeping the checkpoints already on disk.
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.finite_mode, self._pending = self._resolve_finite_mode(trainer), None
+        self.finite_mode, self._pending, self._read = self._resolve_finite_mode(trainer), None, None
         self._stop, self._saved, self._previous = False, False, None
         if self.checkpoint_on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)

@@ -93,17 +93,48 @@ def test_check_finite_names_its_choices():
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_deferred_check_on_a_gpu_reads_the_flag_through_pinned_memory(tmp_path, monkeypatch):
-    # on CUDA the flag reaches the host by a copy that does not wait, and an event read a step later
+@pytest.mark.parametrize("poison_at", [1, 3])
+def test_deferred_check_on_a_gpu_reads_the_flag_through_pinned_memory(tmp_path, monkeypatch, poison_at):
+    # on CUDA the flag reaches the host by a copy that does not wait, and an event read a step later; at 3 the
+    # bad step's flag travels in the buffer and event of the flags before it (validation at step 2 in between)
     cli, guard, seen, message = poisoned_fit(
-        tmp_path, monkeypatch, "true", 1, "--trainer.accelerator=gpu", "--trainer.devices=1",
+        tmp_path, monkeypatch, "true", poison_at, "--trainer.accelerator=gpu", "--trainer.devices=1",
         "--trainer.precision=bf16-mixed",
     )  # fmt: skip
-    assert guard.finite_mode == "deferred" and "non-finite training loss (nan) at step 2 (epoch 0)" in message
-    good = seen.after[1]
+    bad = poison_at + 1
+    assert guard.finite_mode == "deferred" and f"non-finite training loss (nan) at step {bad} (epoch 0)" in message
+    good = seen.after[poison_at]
     now = dict(adapter_parameters(cli.model.model))
     assert all(good[n].is_cuda and torch.equal(now[n].cpu(), good[n].cpu()) for n in good)  # fit moved them back
-    assert 2 in seen.after and 3 not in seen.after
+    assert bad in seen.after and bad + 1 not in seen.after
+
+
+def nonfinite_values(loss: float, device: str) -> dict:
+    """What ``training_step`` leaves for the guard, for a batch of two tasks with per-task sums loss and 2 x loss."""
+    value = torch.tensor(loss, device=device)
+    return {"flag": ~torch.isfinite(value), "loss": value, "task_sum": torch.stack([value, 2 * value]),
+            "task_ids": torch.tensor([0, 1], device=device)}  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_deferred_flags_share_one_pinned_buffer_and_event_on_a_gpu():
+    first = guard_module._PendingFlag(nonfinite_values(1.0, "cuda"), 1, 0)
+    assert first.host.is_pinned() and not first.nonfinite()
+    second = guard_module._PendingFlag(nonfinite_values(float("nan"), "cuda"), 2, 0, reuse=first)
+    assert second.host.data_ptr() == first.host.data_ptr() and second.event is first.event
+    assert second.nonfinite() and torch.isnan(second.as_dict()["loss"])
+    assert second.values[0].item() == 1.0 and second.values[0].dim() == 0, "fused AdamW's found_inf: a float"
+    third = guard_module._PendingFlag(nonfinite_values(3.0, "cuda"), 3, 0, reuse=second)
+    assert not third.nonfinite() and third.as_dict()["task_sum"].tolist() == [3.0, 6.0]
+    other = dict(nonfinite_values(3.0, "cuda"), task_sum=torch.ones(3, device="cuda"))
+    fourth = guard_module._PendingFlag(other, 4, 0, reuse=third)
+    assert fourth.host.shape == (5,) and fourth.host.data_ptr() != third.host.data_ptr(), "another size, own buffer"
+
+
+def test_a_deferred_flag_on_the_cpu_is_its_values():
+    flag = guard_module._PendingFlag(nonfinite_values(float("inf"), "cpu"), 1, 0, reuse=None)
+    assert flag.event is None and flag.nonfinite() and flag.host is flag.values
+    assert flag.as_dict()["task_sum"].tolist() == [float("inf")] * 2
 
 
 class StepClock(Callback):
