@@ -55,3 +55,50 @@ def test_task_losses_are_the_interval_means_logged_at_lightnings_steps(tmp_path,
             torch.testing.assert_close(history[step], value, rtol=1e-5, atol=1e-6)
     # the overall loss is logged at the same steps
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 3]
+
+
+def logged_fit(tmp_path, monkeypatch, *args: str):
+    """A 7-step fit logging every 3 steps: the global steps at which ``train/loss`` was given to ``self.log``,
+    each step's loss, and the MLflow history of ``train/loss`` as ``{step: value}``."""
+    from lightning.pytorch import Callback
+    from mlflow import MlflowClient
+
+    tmp_path.mkdir()
+    cli = tiny_cli(
+        tmp_path, monkeypatch, "--trainer.max_steps=7", "--trainer.log_every_n_steps=3",
+        "--trainer.val_check_interval=100", "--trainer.num_sanity_val_steps=0", *args,
+    )  # fmt: skip
+    module, calls, losses = cli.model, [], {}
+    log = module.log
+
+    def recording(name, value, *a, **k):
+        if name == "train/loss":
+            calls.append(module.global_step)
+        return log(name, value, *a, **k)
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses[trainer.global_step - 1] = float(outputs["loss"])
+
+    monkeypatch.setattr(module, "log", recording)
+    cli.trainer.callbacks.append(Losses())
+    cli.trainer.fit(module, cli.datamodule)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    history = {m.step: m.value for m in client.get_metric_history(cli.trainer.logger.run_id, "train/loss")}
+    return cli, calls, losses, history
+
+
+def test_the_loss_is_logged_where_it_is_read_and_the_history_is_lightnings(tmp_path, monkeypatch):
+    cli, calls, losses, history = logged_fit(tmp_path / "a", monkeypatch)
+    # the first step (the bar's first read), Lightning's logging steps (3rd and 6th) and the last (7th): not
+    # every step, each value a host-side cost for Lightning
+    assert calls == [0, 2, 5, 6]
+    assert sorted(history) == [2, 5], "what MLflow gets: Lightning's logging steps"
+    for step, value in history.items():
+        assert value == pytest.approx(losses[step], rel=1e-6), step
+    # a callback monitoring a train/ metric sees every step's value: logged at every step, same history
+    monitor = "--checkpoint.monitor=train/loss"
+    cli2, calls2, losses2, history2 = logged_fit(tmp_path / "b", monkeypatch, monitor, "--checkpoint.mode=min")
+    assert calls2 == list(range(7))
+    assert history2 == pytest.approx(history) and losses2 == pytest.approx(losses)
+    assert cli2.trainer.callback_metrics["train/loss"].item() == pytest.approx(losses2[6], rel=1e-6)
