@@ -449,7 +449,9 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
                 for cb in trainer.callbacks
             )
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= self.global_step + 1
-        return first or last or self._train_metrics_monitored or trainer._logger_connector.should_update_logs
+        # Lightning's own rule for the steps it logs (private: a Lightning without it logs every step)
+        due = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True)
+        return first or last or self._train_metrics_monitored or due
 
     @property
     def _world_size(self) -> int:
