@@ -139,8 +139,8 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             one graph. Worth it where the host issuing operations, not the GPU, sets the pace (small
             models or batches, see docs/benchmarks.md); the first steps pay the compilation.
             Validation, test and generation stay eager.
-        loss_chunk_size: the loss runs the LM head on the target positions only, this many at a time under
-            activation checkpointing, so no full-vocabulary logits of the batch are ever held
+        loss_chunk_size: the loss runs the LM head on the target positions only, this many at a time, and
+            backward recomputes each chunk's logits, so no full-vocabulary logits of the batch are ever held
             (:mod:`cgc_lightning.loss`); per-task losses are the same. ``null`` runs the model's own head on
             every position (the plain path, also taken for heads the lean loss does not know).
         gate_lr: learning rate of the gates and routers (``gate_*``, ``router_*`` tensors); ``null``:
