@@ -142,3 +142,33 @@ def test_the_fused_loss_under_autocast_computes_the_head_in_autocasts_dtype_as_t
     (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
     assert grad_fused.dtype == torch.float32
     torch.testing.assert_close(grad_fused, grad_plain, rtol=2e-2, atol=2e-3)  # bf16 products of the same inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [512, 4096])
+def test_the_fused_loss_on_a_gpu_matches_the_plain_head_and_never_holds_the_batchs_logits(chunk):
+    # SmolLM2-135M's head (d 576, vocabulary 49152) under bf16 autocast; rows of 256 with 40 targets each
+    torch.manual_seed(0)
+    B, L, d, V = 32, 256, 576, 49152
+    labels = torch.randint(0, V, (B, L), device="cuda")
+    labels[:, : L - 40] = -100
+    hidden = torch.randn(B, L, d, device="cuda", requires_grad=True)
+    head = torch.nn.Linear(d, V, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses, _ = target_token_losses(hidden, head, labels, chunk_size=chunk)
+    (grad,) = torch.autograd.grad(losses.sum(), hidden)
+    peak = torch.cuda.max_memory_allocated() - before
+    one_chunk = min(chunk, B * 40) * V * (2 + 4 + 4)  # a chunk's logits in bf16 and fp32, and their gradient
+    assert peak < one_chunk + 2**26, f"peak {peak / 2**30:.2f} GiB: more than one chunk's logits at a time"
+    assert peak < B * L * V * 4 / 2, "the (B, L, V) fp32 logits alone would be twice this"
+    mask = labels[:, 1:] != -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = head(hidden[:, :-1][mask])  # the plain head on the same positions (bf16 products), upcast
+        plain = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="none")
+    (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
+    assert losses.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(losses, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_plain, rtol=2e-2, atol=1e-4)
