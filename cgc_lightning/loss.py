@@ -68,9 +68,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(z, dim=-1)  # (C,)
                 losses.append(lse - z.gather(1, targets[i : i + chunk_size, None]).squeeze(1))
                 lses.append(lse)
-        ctx.save_for_backward(h, weight, bias, targets, torch.cat(lses))
+        lse, losses = (lses[0], losses[0]) if len(lses) == 1 else (torch.cat(lses), torch.cat(losses))
+        ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.dtype = chunk_size, softcap, dtype
-        return torch.cat(losses)
+        return losses
 
     @staticmethod
     @once_differentiable
