@@ -68,6 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(z, dim=-1)  # (C,)
                 losses.append(lse - z.gather(1, targets[i : i + chunk_size, None]).squeeze(1))
                 lses.append(lse)
+                del z  # before the next chunk's logits exist, so one chunk's are held at a time
         lse, losses = (lses[0], losses[0]) if len(lses) == 1 else (torch.cat(lses), torch.cat(losses))
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.dtype = chunk_size, softcap, dtype
@@ -94,12 +95,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if tanh is not None:  # through softcap * tanh(z / softcap)
                     dz.mul_(tanh.mul_(tanh).neg_().add_(1))
                 dz = dz.to(dtype)
+                del z, tanh  # the fp32 softmax, once its copy in the matmul dtype is made
                 if grad_h is not None:
                     grad_h[rows] = dz @ w
                 if grad_w is not None:
                     grad_w += (dz.t() @ h_c).to(grad_w.dtype)
                 if grad_b is not None:
                     grad_b += dz.sum(0).to(grad_b.dtype)
+                del dz
         return grad_h, grad_w, grad_b, None, None, None
 
 

@@ -170,5 +170,8 @@ def test_the_fused_loss_on_a_gpu_matches_the_plain_head_and_never_holds_the_batc
         plain = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="none")
     (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
     assert losses.dtype == torch.float32 and grad.dtype == torch.float32
-    torch.testing.assert_close(losses, plain, rtol=1e-5, atol=1e-5)
+    # a chunk's bf16 product may round a logit differently from the whole batch's (another GEMM tiling): by at most
+    # a bf16 ulp of the largest logit, on the target's logit and on the log-sum-exp
+    ulp = 2.0**-7 * logits.abs().max().item()
+    torch.testing.assert_close(losses, plain, rtol=1e-5 if chunk >= len(plain) else 0, atol=1e-5 + 2 * ulp)
     torch.testing.assert_close(grad, grad_plain, rtol=2e-2, atol=1e-4)
