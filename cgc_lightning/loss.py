@@ -7,9 +7,12 @@ backward, most of it for prompt and padding positions whose loss is masked out. 
     h: (B, L, d) final hidden states   ──select──▶  (N, d) the positions whose next token is a target
     per chunk of C positions:  logits = h_c W^T (+ b) ──▶ fp32 ──▶ softcap? ──▶ cross-entropy  (C,)
 
-Each chunk runs under activation checkpointing, so backward recomputes its ``(C, V)`` logits instead of
-keeping them: peak memory is one chunk's logits whatever the batch. The per-token losses equal the plain
-computation's (the same products in the same dtype), so per-task sums are exact.
+Forward keeps only each position's log-sum-exp (``N`` floats), and backward recomputes a chunk's ``(C, V)``
+logits to form its gradient, ``(softmax - one-hot) * grad``, in place: peak memory is about one chunk's logits
+whatever the batch. One autograd node covers every chunk (no activation-checkpointing machinery and no
+cross-entropy graph to rebuild a chunk; that host time counts in a host-bound step). The per-token losses equal
+the plain computation's (the same products in the same dtype, under autocast as the model's own head), so
+per-task sums are exact.
 
 The positions come with the batch (``loss_positions``, built by the collator on the host), so selecting
 them costs the GPU no host synchronisation; batches without them (tests, probes) have them computed here.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 
@@ -39,12 +42,77 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return b * L + t
 
 
-def _chunk_losses(h: torch.Tensor, weight, bias, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = F.linear(h, weight, bias)  # (C, V), in the autocast dtype like the model's own head
-    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets, reduction="none")  # (C,)
+def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(h, ...)`` computes in here: autocast's (it leaves float64 alone), else ``h``'s."""
+    kind = h.device.type
+    if h.dtype != torch.float64 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return h.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(softcap(h W^T + b), targets)`` per row, ``C`` rows of logits at a time (module docstring).
+
+    The logits are upcast to fp32 (kept in fp64 for fp64 models) before the softmax, as the model's own loss does.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size: int, softcap: float | None):
+        dtype = _matmul_dtype(h)
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        losses, lses = [], []
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk_size):
+                z = _logits(h[i : i + chunk_size].to(dtype), w, b, softcap)[0]  # (C, V)
+                lse = torch.logsumexp(z, dim=-1)  # (C,)
+                losses.append(lse - z.gather(1, targets[i : i + chunk_size, None]).squeeze(1))
+                lses.append(lse)
+                del z  # before the next chunk's logits exist, so one chunk's are held at a time
+        lse, losses = (lses[0], losses[0]) if len(lses) == 1 else (torch.cat(lses), torch.cat(losses))
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.softcap, ctx.dtype = chunk_size, softcap, dtype
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # grad: (N,), d(loss)/d(each row's cross-entropy)
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, C = ctx.dtype, ctx.chunk_size
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], C):
+                rows = slice(i, i + C)
+                h_c = h[rows].to(dtype)
+                z, tanh = _logits(h_c, w, b, ctx.softcap)
+                dz = z.sub_(lse[rows, None]).exp_()  # softmax, in place of the logits
+                dz.scatter_add_(1, targets[rows, None], dz.new_full((dz.shape[0], 1), -1.0))  # minus the one-hot
+                dz.mul_(grad[rows, None].to(dz.dtype))
+                if tanh is not None:  # through softcap * tanh(z / softcap)
+                    dz.mul_(tanh.mul_(tanh).neg_().add_(1))
+                dz = dz.to(dtype)
+                del z, tanh  # the fp32 softmax, once its copy in the matmul dtype is made
+                if grad_h is not None:
+                    grad_h[rows] = dz @ w
+                if grad_w is not None:
+                    grad_w += (dz.t() @ h_c).to(grad_w.dtype)
+                if grad_b is not None:
+                    grad_b += dz.sum(0).to(grad_b.dtype)
+                del dz
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _logits(h, weight, bias, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's logits for the softmax (upcast, soft-capped), and ``tanh(z / softcap)`` when capped."""
+    z = upcast(F.linear(h, weight, bias))  # (C, V)
+    if not softcap:
+        return z, None
+    tanh = torch.tanh(z / softcap)
+    return tanh * softcap, tanh
 
 
 def target_token_losses(
@@ -73,16 +141,10 @@ def target_token_losses(
     positions = loss_positions(labels) if positions is None else positions
     h = hidden.reshape(B * L, d).index_select(0, positions)  # (N, d)
     targets = labels.reshape(B * L).index_select(0, positions + 1)  # (N,) the next token of each position
-    chunks = [
-        checkpoint(
-            _chunk_losses, h[i : i + chunk_size], head.weight, head.bias, targets[i : i + chunk_size], softcap,
-            use_reentrant=False,
-        )
-        if torch.is_grad_enabled()
-        else _chunk_losses(h[i : i + chunk_size], head.weight, head.bias, targets[i : i + chunk_size], softcap)
-        for i in range(0, h.shape[0], chunk_size)
-    ]  # fmt: skip
-    losses = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    if h.shape[0] == 0:
+        losses = hidden.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    else:
+        losses = _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, softcap)
     return losses, torch.div(positions, L, rounding_mode="floor")
 
 

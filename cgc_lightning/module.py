@@ -139,8 +139,8 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
             one graph. Worth it where the host issuing operations, not the GPU, sets the pace (small
             models or batches, see docs/benchmarks.md); the first steps pay the compilation.
             Validation, test and generation stay eager.
-        loss_chunk_size: the loss runs the LM head on the target positions only, this many at a time under
-            activation checkpointing, so no full-vocabulary logits of the batch are ever held
+        loss_chunk_size: the loss runs the LM head on the target positions only, this many at a time, and
+            backward recomputes each chunk's logits, so no full-vocabulary logits of the batch are ever held
             (:mod:`cgc_lightning.loss`); per-task losses are the same. ``null`` runs the model's own head on
             every position (the plain path, also taken for heads the lean loss does not know).
         gate_lr: learning rate of the gates and routers (``gate_*``, ``router_*`` tensors); ``null``:
@@ -364,19 +364,18 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
                 chunk_size=self.loss_chunk_size,
                 softcap=self._softcap,
             )  # (N,) over the batch's target tokens
-            if packed:  # the task of the token each loss predicts
-                per_token, owner = losses, task_ids.reshape(-1).index_select(0, positions + 1)
-                tokens = losses.new_ones(losses.shape)
-            else:
-                per_token = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)  # (B,)
-                tokens, owner = (labels[:, 1:] != IGNORE).sum(1).to(losses.dtype), task_ids  # (B,)
+            # the task of each loss: its row's, or in packed rows the task of the token it predicts
+            owner = task_ids.reshape(-1).index_select(0, positions + 1) if packed else task_ids.index_select(0, rows)
+            n = len(self.layout.tasks)
+            task_sum = losses.new_zeros(n).index_add_(0, owner, losses)
+            task_tokens = losses.new_zeros(n).index_add_(0, owner, losses.new_ones(losses.shape))
+            return losses.sum() / max(losses.shape[0], 1), task_sum, task_tokens  # N is known without a sync
+        losses, mask = token_losses(self(*inputs), labels)
+        if packed:
+            per_token, tokens, owner = losses.reshape(-1), mask.reshape(-1).to(losses.dtype), task_ids[:, 1:]
+            owner = owner.reshape(-1)
         else:
-            losses, mask = token_losses(self(*inputs), labels)
-            if packed:
-                per_token, tokens, owner = losses.reshape(-1), mask.reshape(-1).to(losses.dtype), task_ids[:, 1:]
-                owner = owner.reshape(-1)
-            else:
-                per_token, tokens, owner = losses.sum(1), mask.sum(1).to(losses.dtype), task_ids  # (B,)
+            per_token, tokens, owner = losses.sum(1), mask.sum(1).to(losses.dtype), task_ids  # (B,)
         n = len(self.layout.tasks)
         task_sum = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, owner, per_token)
         task_tokens = torch.zeros(n, device=losses.device, dtype=losses.dtype).index_add_(0, owner, tokens)

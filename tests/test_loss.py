@@ -1,4 +1,4 @@
-"""The lean loss (target positions only, chunked, checkpointed) equals the model's own head on every position."""
+"""The lean loss (target positions only, chunked, logits recomputed in backward) equals the full head's loss."""
 
 from __future__ import annotations
 
@@ -98,3 +98,80 @@ def test_heads_the_lean_loss_does_not_know_fall_back_loudly(tmp_path, caplog):
         module = MultiTaskLoRAModule(ModelSpec(name_or_path=str(scaled), random_init=True), task_names=["a"])
     assert module.loss_chunk_size is None
     assert "computing the full logits instead, since its config scales the logits (logit_scale=0.5)" in caplog.text
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcapped"])
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_the_fused_head_and_loss_give_the_plain_gradients_of_hidden_states_weight_and_bias(softcap, chunk):
+    torch.manual_seed(0)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, :2], labels[1, 4:], labels[2, :5] = -100, -100, -100
+    hidden = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(5, 11, bias=True).double()  # a trained head and bias: their gradients too
+    weights = torch.rand(len(loss_positions(labels)), dtype=torch.float64)  # each loss's own upstream gradient
+    losses, _ = target_token_losses(hidden, head, labels, chunk_size=chunk, softcap=softcap)
+    (losses * weights).sum().backward()
+    fused = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+    for t in (hidden, head.weight, head.bias):
+        t.grad = None
+    logits = head(hidden)[:, :-1]  # (B, L-1, V): every position, then the targets' rows
+    logits = softcap * torch.tanh(logits / softcap) if softcap else logits
+    mask = labels[:, 1:] != -100
+    plain = torch.nn.functional.cross_entropy(logits[mask], labels[:, 1:][mask], reduction="none")
+    torch.testing.assert_close(losses, plain, rtol=1e-12, atol=1e-12)
+    (plain * weights).sum().backward()
+    plain_grads = (hidden.grad, head.weight.grad, head.bias.grad)
+    for got, want, name in zip(fused, plain_grads, ("hidden", "weight", "bias"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_fused_loss_under_autocast_computes_the_head_in_autocasts_dtype_as_the_model_does():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[:, :3] = -100
+    hidden = torch.randn(2, 9, 8, requires_grad=True)  # fp32 hidden states, as a bf16-mixed model's final norm
+    head = torch.nn.Linear(8, 50, bias=False).to(torch.bfloat16).requires_grad_(False)  # a frozen bf16 head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = target_token_losses(hidden, head, labels, chunk_size=4)
+        mask = labels[:, 1:] != -100
+        logits = head(hidden)[:, :-1][mask]  # autocast runs the head in bf16, the loss upcasts
+        plain = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="none")
+    assert losses.dtype == torch.float32
+    torch.testing.assert_close(losses, plain, rtol=1e-6, atol=1e-6)
+    (grad_fused,) = torch.autograd.grad(losses.sum(), hidden)
+    (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
+    assert grad_fused.dtype == torch.float32
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=2e-2, atol=2e-3)  # bf16 products of the same inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [512, 4096])
+def test_the_fused_loss_on_a_gpu_matches_the_plain_head_and_never_holds_the_batchs_logits(chunk):
+    # SmolLM2-135M's head (d 576, vocabulary 49152) under bf16 autocast; rows of 256 with 40 targets each
+    torch.manual_seed(0)
+    B, L, d, V = 32, 256, 576, 49152
+    labels = torch.randint(0, V, (B, L), device="cuda")
+    labels[:, : L - 40] = -100
+    hidden = torch.randn(B, L, d, device="cuda", requires_grad=True)
+    head = torch.nn.Linear(d, V, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses, _ = target_token_losses(hidden, head, labels, chunk_size=chunk)
+    (grad,) = torch.autograd.grad(losses.sum(), hidden)
+    peak = torch.cuda.max_memory_allocated() - before
+    one_chunk = min(chunk, B * 40) * V * (2 + 4 + 4)  # a chunk's logits in bf16 and fp32, and their gradient
+    assert peak < one_chunk + 2**26, f"peak {peak / 2**30:.2f} GiB: more than one chunk's logits at a time"
+    assert peak < B * L * V * 4 / 2, "the (B, L, V) fp32 logits alone would be twice this"
+    mask = labels[:, 1:] != -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = head(hidden[:, :-1][mask])  # the plain head on the same positions (bf16 products), upcast
+        plain = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="none")
+    (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
+    assert losses.dtype == torch.float32 and grad.dtype == torch.float32
+    # a chunk's bf16 product may round a logit differently from the whole batch's (another GEMM tiling): by at most
+    # a bf16 ulp of the largest logit, on the target's logit and on the log-sum-exp
+    ulp = 2.0**-7 * logits.abs().max().item()
+    torch.testing.assert_close(losses, plain, rtol=1e-5 if chunk >= len(plain) else 0, atol=1e-5 + 2 * ulp)
+    torch.testing.assert_close(grad, grad_plain, rtol=2e-2, atol=1e-4)
