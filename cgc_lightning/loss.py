@@ -7,10 +7,14 @@ backward, most of it for prompt and padding positions whose loss is masked out. 
     h: (B, L, d) final hidden states   ──select──▶  (N, d) the positions whose next token is a target
     per chunk of C positions:  logits = h_c W^T (+ b) ──▶ fp32 ──▶ softcap? ──▶ cross-entropy  (C,)
 
-Forward keeps only each position's log-sum-exp (``N`` floats), and backward recomputes a chunk's ``(C, V)``
-logits to form its gradient, ``(softmax - one-hot) * grad``, in place: peak memory is about one chunk's logits
-whatever the batch. One autograd node covers every chunk (no activation-checkpointing machinery and no
-cross-entropy graph to rebuild a chunk; that host time counts in a host-bound step). The per-token losses equal
+With a frozen head (LoRA's), forward forms each chunk's hidden-state gradient, ``(softmax - one-hot) W``, while
+the chunk's logits exist and keeps that ``(N, d)``; backward scales each row by its upstream grad (the gradient is
+linear in it), so no logits are computed twice. A head that trains needs ``sum_i grad_i (softmax_i - onehot_i)^T
+h_i``, which the upstream grads enter before the sum: forward then keeps each position's log-sum-exp (``N``
+floats), and backward recomputes a chunk's ``(C, V)`` logits to form ``(softmax - one-hot) * grad`` in place.
+Either way peak memory is about one chunk's logits whatever the batch. One autograd node covers every chunk
+(no activation-checkpointing machinery and no cross-entropy graph to rebuild a chunk; that host time counts in
+a host-bound step). The per-token losses equal
 the plain computation's (the same products in the same dtype, under autocast as the model's own head), so
 per-task sums are exact.
 
@@ -57,26 +61,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_size: int, softcap: float | None):
+    def forward(ctx, h, weight, bias, targets, chunk_size: int, softcap: float | None, grad_now: bool):
         dtype = _matmul_dtype(h)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         losses, lses = [], []
+        grad_h = torch.empty_like(h) if grad_now else None  # rows' d(loss)/dh, scaled by backward's grad
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.shape[0], chunk_size):
-                z = _logits(h[i : i + chunk_size].to(dtype), w, b, softcap)[0]  # (C, V)
+                rows = slice(i, i + chunk_size)
+                z, tanh = _logits(h[rows].to(dtype), w, b, softcap)  # (C, V)
                 lse = torch.logsumexp(z, dim=-1)  # (C,)
-                losses.append(lse - z.gather(1, targets[i : i + chunk_size, None]).squeeze(1))
-                lses.append(lse)
-                del z  # before the next chunk's logits exist, so one chunk's are held at a time
-        lse, losses = (lses[0], losses[0]) if len(lses) == 1 else (torch.cat(lses), torch.cat(losses))
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.softcap, ctx.dtype = chunk_size, softcap, dtype
+                losses.append(lse - z.gather(1, targets[rows, None]).squeeze(1))
+                if grad_h is not None:
+                    grad_h[rows] = _softmax_minus_onehot(z, lse, targets[rows], tanh).to(dtype) @ w
+                else:
+                    lses.append(lse)
+                del z, tanh  # before the next chunk's logits exist, so one chunk's are held at a time
+        losses = losses[0] if len(losses) == 1 else torch.cat(losses)
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h)
+        else:
+            lse = lses[0] if len(lses) == 1 else torch.cat(lses)
+            ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.softcap, ctx.dtype, ctx.grad_now = chunk_size, softcap, dtype, grad_now
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # grad: (N,), d(loss)/d(each row's cross-entropy)
+        if ctx.grad_now:  # each row's gradient is linear in its upstream grad
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad[:, None].to(grad_h.dtype), None, None, None, None, None, None
         h, weight, bias, targets, lse = ctx.saved_tensors
         dtype, C = ctx.dtype, ctx.chunk_size
         w = weight.to(dtype)
@@ -89,12 +105,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 rows = slice(i, i + C)
                 h_c = h[rows].to(dtype)
                 z, tanh = _logits(h_c, w, b, ctx.softcap)
-                dz = z.sub_(lse[rows, None]).exp_()  # softmax, in place of the logits
-                dz.scatter_add_(1, targets[rows, None], dz.new_full((dz.shape[0], 1), -1.0))  # minus the one-hot
-                dz.mul_(grad[rows, None].to(dz.dtype))
-                if tanh is not None:  # through softcap * tanh(z / softcap)
-                    dz.mul_(tanh.mul_(tanh).neg_().add_(1))
-                dz = dz.to(dtype)
+                dz = _softmax_minus_onehot(z, lse[rows], targets[rows], tanh)
+                dz = dz.mul_(grad[rows, None].to(dz.dtype)).to(dtype)
                 del z, tanh  # the fp32 softmax, once its copy in the matmul dtype is made
                 if grad_h is not None:
                     grad_h[rows] = dz @ w
@@ -103,7 +115,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += dz.sum(0).to(grad_b.dtype)
                 del dz
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _softmax_minus_onehot(z, lse, targets, tanh) -> torch.Tensor:
+    """``d(cross-entropy)/d(logits)`` of a chunk, in place of its logits ``z`` (``lse``: their log-sum-exp),
+    through the soft-cap's ``softcap * tanh(z / softcap)`` when ``tanh`` is given (it is overwritten too)."""
+    dz = z.sub_(lse[:, None]).exp_()  # softmax
+    dz.scatter_add_(1, targets[:, None], dz.new_full((dz.shape[0], 1), -1.0))  # minus the one-hot
+    if tanh is not None:
+        dz.mul_(tanh.mul_(tanh).neg_().add_(1))
+    return dz
 
 
 def _logits(h, weight, bias, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -144,7 +166,16 @@ def target_token_losses(
     if h.shape[0] == 0:
         losses = hidden.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     else:
-        losses = _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, softcap)
+        # A frozen head (LoRA's) needs no weight gradient, and each row's hidden-state gradient is then its
+        # softmax-minus-one-hot times the head, times its upstream grad: formed here while the logits exist,
+        # so backward recomputes none of them. Not under no_grad (evaluation), where no backward follows.
+        grad_now = (
+            torch.is_grad_enabled()
+            and h.requires_grad
+            and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad)
+        )
+        losses = _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, softcap, grad_now)
     return losses, torch.div(positions, L, rounding_mode="floor")
 
 

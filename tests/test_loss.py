@@ -1,4 +1,4 @@
-"""The lean loss (target positions only, chunked, logits recomputed in backward) equals the full head's loss."""
+"""The lean loss (target positions only, chunked, no full-batch logits) equals the full head's loss."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cgc_lightning import loss as loss_module
 from cgc_lightning.config import AdapterConfig
 from cgc_lightning.hf import ModelSpec
 from cgc_lightning.loss import loss_positions, target_token_losses
@@ -15,6 +16,8 @@ from cgc_lightning.module import MultiTaskLoRAModule
 from tests.conftest import randomize_adapters
 from tests.test_datamodule import make_dm
 from tests.test_eval import family_dir
+
+logits_of_a_chunk, softmax_minus_onehot = loss_module._logits, loss_module._softmax_minus_onehot
 
 
 def module_pair(tmp_path: Path, family: str, chunk: int, dm) -> tuple[MultiTaskLoRAModule, MultiTaskLoRAModule]:
@@ -100,19 +103,29 @@ def test_heads_the_lean_loss_does_not_know_fall_back_loudly(tmp_path, caplog):
     assert "computing the full logits instead, since its config scales the logits (logit_scale=0.5)" in caplog.text
 
 
+@pytest.mark.parametrize("head_trains", [True, False], ids=["trained_head", "frozen_head"])
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcapped"])
 @pytest.mark.parametrize("chunk", [1, 3, 4096])
-def test_the_fused_head_and_loss_give_the_plain_gradients_of_hidden_states_weight_and_bias(softcap, chunk):
+def test_the_fused_head_and_loss_give_the_plain_gradients_of_hidden_states_weight_and_bias(
+    softcap, chunk, head_trains, monkeypatch
+):
     torch.manual_seed(0)
     labels = torch.randint(0, 11, (3, 6))
     labels[0, :2], labels[1, 4:], labels[2, :5] = -100, -100, -100
     hidden = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
-    head = torch.nn.Linear(5, 11, bias=True).double()  # a trained head and bias: their gradients too
+    head = torch.nn.Linear(5, 11, bias=True).double().requires_grad_(head_trains)  # trained: its gradients too
     weights = torch.rand(len(loss_positions(labels)), dtype=torch.float64)  # each loss's own upstream gradient
+    head_runs = []
+    monkeypatch.setattr(loss_module, "_logits", lambda *a: head_runs.append(1) or logits_of_a_chunk(*a))
     losses, _ = target_token_losses(hidden, head, labels, chunk_size=chunk, softcap=softcap)
+    in_forward = len(head_runs)
     (losses * weights).sum().backward()
-    fused = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
-    for t in (hidden, head.weight, head.bias):
+    chunks = -(-len(weights) // chunk)
+    # a frozen head's gradient is formed in forward (the chunk's logits at hand): backward recomputes none
+    assert (in_forward, len(head_runs)) == (chunks, 2 * chunks if head_trains else chunks)
+    trained = (hidden, head.weight, head.bias) if head_trains else (hidden,)
+    fused = [t.grad.clone() for t in trained]
+    for t in trained:
         t.grad = None
     logits = head(hidden)[:, :-1]  # (B, L-1, V): every position, then the targets' rows
     logits = softcap * torch.tanh(logits / softcap) if softcap else logits
@@ -120,9 +133,24 @@ def test_the_fused_head_and_loss_give_the_plain_gradients_of_hidden_states_weigh
     plain = torch.nn.functional.cross_entropy(logits[mask], labels[:, 1:][mask], reduction="none")
     torch.testing.assert_close(losses, plain, rtol=1e-12, atol=1e-12)
     (plain * weights).sum().backward()
-    plain_grads = (hidden.grad, head.weight.grad, head.bias.grad)
-    for got, want, name in zip(fused, plain_grads, ("hidden", "weight", "bias"), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    for got, t, name in zip(fused, trained, ("hidden", "weight", "bias"), strict=False):
+        torch.testing.assert_close(got, t.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_fused_loss_forms_no_gradient_where_no_backward_follows(monkeypatch):
+    labels = torch.randint(0, 11, (2, 6))
+    hidden = torch.randn(2, 6, 5, requires_grad=True)
+    head = torch.nn.Linear(5, 11).requires_grad_(False)
+    formed = []
+    monkeypatch.setattr(
+        loss_module, "_softmax_minus_onehot", lambda *a: formed.append(1) or softmax_minus_onehot(*a)
+    )
+    with torch.no_grad():  # evaluation: the loss alone
+        target_token_losses(hidden, head, labels, chunk_size=4)
+    target_token_losses(hidden.detach(), head, labels, chunk_size=4)  # nothing needs a gradient
+    assert not formed
+    target_token_losses(hidden, head, labels, chunk_size=4)
+    assert len(formed) == 3, "training: each chunk's gradient in forward"
 
 
 def test_the_fused_loss_under_autocast_computes_the_head_in_autocasts_dtype_as_the_model_does():
