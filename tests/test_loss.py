@@ -142,9 +142,7 @@ def test_the_fused_loss_forms_no_gradient_where_no_backward_follows(monkeypatch)
     hidden = torch.randn(2, 6, 5, requires_grad=True)
     head = torch.nn.Linear(5, 11).requires_grad_(False)
     formed = []
-    monkeypatch.setattr(
-        loss_module, "_softmax_minus_onehot", lambda *a: formed.append(1) or softmax_minus_onehot(*a)
-    )
+    monkeypatch.setattr(loss_module, "_softmax_minus_onehot", lambda *a: formed.append(1) or softmax_minus_onehot(*a))
     with torch.no_grad():  # evaluation: the loss alone
         target_token_losses(hidden, head, labels, chunk_size=4)
     target_token_losses(hidden.detach(), head, labels, chunk_size=4)  # nothing needs a gradient
