@@ -7,6 +7,7 @@ No adapter math lives here: the model is loaded by :mod:`cgc_lightning.hf`, adap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict
@@ -114,6 +115,21 @@ def uses_cuda_graphs(kwargs: dict | None) -> bool:
         or kwargs.get("backend") == "cudagraphs"
         or bool(options.get("triton.cudagraphs"))
     )
+
+
+def checkpoints_in_graph(compiled: bool) -> contextlib.AbstractContextManager:
+    """Inside the block, dynamo traces a checkpointed layer whose forward sets Python state outside the layer into
+    the compiled graph, and its backward recomputes the layer without setting that state again.
+
+    Eager checkpointing sets it again, so by default dynamo gives up on such a layer and runs it eagerly, outside
+    the graph. transformers 5.25 made ``kernels`` a dependency, whose ``use_kernelized_func`` wraps the attention
+    forward of many models (Llama's included) in a set and a reset of a module-level context variable: every
+    checkpointed decoder layer fell out of the graph. None of our forwards needs the replay: routing is left alone
+    while dynamo traces (``routing._replay_routing``), and a router's ``aux_loss`` is read after the forward.
+    """
+    if not compiled:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
@@ -333,7 +349,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         compiled = bool(self._compiled) and self.training and torch.is_grad_enabled()
         model = self._compiled[0] if compiled else self.model
         # compiled: the ids at fixed addresses, which CUDA graphs need to replay (RoutingState.persistent_ids)
-        with route(self.model, task_ids, validate=False, persistent=compiled):
+        with route(self.model, task_ids, validate=False, persistent=compiled), checkpoints_in_graph(compiled):
             return model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).logits
@@ -342,7 +358,7 @@ class MultiTaskLoRAModule(EvaluationMixin, L.LightningModule):
         """The final hidden states ``(B, L, d)`` that the LM head reads, each sample through its own adapters."""
         compiled = bool(self._compiled) and self.training and torch.is_grad_enabled()
         decoder = self._compiled[0] if compiled else self.model.get_decoder()
-        with route(self.model, task_ids, validate=False, persistent=compiled):
+        with route(self.model, task_ids, validate=False, persistent=compiled), checkpoints_in_graph(compiled):
             return decoder(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state

@@ -141,15 +141,18 @@ def _replay_routing(checkpoint_fn, state: RoutingState):
 
     @functools.wraps(checkpoint_fn)
     def wrapped(function, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            # a compiled step recomputes inside its own backward graph, from the ids its forward read
-            # (graph inputs); swapping the state there would be a side effect that breaks the graph
-            return checkpoint_fn(function, *args, **kwargs)
         snap = state.snapshot()
         calls = 0
 
         def with_routing(*a, **kw):
             nonlocal calls
+            if torch.compiler.is_compiling():
+                # dynamo is tracing the checkpointed forward into the graph, whose backward recomputes it
+                # from the ids the forward read (graph inputs); swapping the state here would be a side
+                # effect that breaks the graph. Decided here, not in `wrapped`: when the layer cannot be traced
+                # (a graph break in it, as transformers 5.25's kernels wrapper of the attention made), dynamo
+                # runs the checkpoint call eagerly, this function with it, and the recompute needs the replay.
+                return function(*a, **kw)
             saved = state.snapshot()
             state.restore(snap)
             state.recomputing = calls > 0  # the first call is the forward, later ones recompute it

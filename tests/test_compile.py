@@ -104,6 +104,70 @@ def test_compiled_step_follows_the_batchs_task_ids():
             assert_close(compiled(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-12, atol=0)
 
 
+def test_a_checkpointed_layer_that_breaks_the_graph_recomputes_with_its_batchs_routing():
+    """A graph break inside a checkpointed layer makes dynamo run that checkpoint eagerly, and its backward then
+    recomputes the layer eagerly too, after ``route`` has closed: the recompute must still find the batch's ids.
+    transformers 5.25's ``kernels`` wrapper of the attention forward did this to every decoder layer, and the
+    recompute found no ids, since whether to replay the routing was decided while dynamo traced the call."""
+    torch._dynamo.reset()
+    model = tiny_model("llama").train()
+    inject_adapters(model, CONFIGS["cgc_lora"], LAYOUT)
+    randomize_adapters(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    x = ids()
+    loss, grads = loss_and_grads(model, model, x)
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+    torch._dynamo.utils.counters.clear()
+    loss_c, grads_c = loss_and_grads(model, torch.compile(model, backend="aot_eager"), x)
+    assert torch._dynamo.utils.counters["graph_break"], "the checkpointed layers were meant to break the graph"
+    assert_close(loss_c, loss, rtol=1e-12, atol=0)
+    assert len(grads_c) == len(grads) > 0
+    for g_c, g in zip(grads_c, grads, strict=True):
+        assert_close(g_c, g, rtol=1e-10, atol=1e-14)
+
+
+class Active:
+    """What ``kernels`` sets around each attention forward: an object outside the model, the layer running."""
+
+    layer = None
+
+
+def test_a_checkpointed_layer_that_sets_python_state_stays_in_the_graph():
+    """transformers 5.25's ``kernels`` wraps each attention forward in a set and a reset of a module-level variable.
+    Eager checkpointing would set it again in the recompute, so dynamo runs such a checkpointed layer eagerly, out
+    of the graph; the module's compiled step (``checkpoints_in_graph``) keeps it in, and trains as eager does."""
+    from cgc_lightning.module import checkpoints_in_graph
+
+    torch._dynamo.reset()
+    model = tiny_model("llama").train()
+    inject_adapters(model, CONFIGS["cgc_lora"], LAYOUT)
+    randomize_adapters(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # as the module sets them: each would break the graph on its own
+    model.disable_input_require_grads()
+    x = ids()
+    loss, grads = loss_and_grads(model, model, x)
+    active = Active()
+
+    def enter(module, args):
+        active.layer = module
+
+    def leave(module, args, out):
+        active.layer = None
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(enter)
+        layer.self_attn.register_forward_hook(leave)
+    with checkpoints_in_graph(True):  # fullgraph: without it, the first checkpointed layer breaks the graph
+        loss_c, grads_c = loss_and_grads(model, torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    assert active.layer is None
+    assert_close(loss_c, loss, rtol=1e-12, atol=0)
+    assert len(grads_c) == len(grads) > 0
+    for g_c, g in zip(grads_c, grads, strict=True):
+        assert_close(g_c, g, rtol=1e-10, atol=1e-14)
+
+
 def address_recorder():
     """A compile backend (``aot_eager``) that notes, on every call of the compiled graph, the address of each input
     dynamo holds fixed (parameters, tensors read from module attributes): ``(calls, backend)``."""
