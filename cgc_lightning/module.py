@@ -127,8 +127,8 @@ def checkpoints_in_graph(compiled: bool) -> contextlib.AbstractContextManager:
     checkpointed decoder layer fell out of the graph. None of our forwards needs the replay: routing is left alone
     while dynamo traces (``routing._replay_routing``), and a router's ``aux_loss`` is read after the forward.
     """
-    if not compiled:
-        return contextlib.nullcontext()
+    if not compiled or not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()  # a torch without the option: such layers run eagerly, routed all the same
     return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
